@@ -1,0 +1,154 @@
+"""``VeloraConfig``: what to compress and how, validated once, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["VeloraConfig", "INIT_MODES"]
+
+#: Ways to choose the projection direction ``v`` of a weight.
+#:
+#: ``batch_average_once``  normalised mean of every sub-token of the first
+#:                         training batch, then frozen (the paper's default);
+#: ``batch_average``       the same, recomputed on every training step;
+#: ``ema``                 exponential moving average of the per-step mean
+#:                         direction, ``ema_decay`` the weight of the past;
+#: ``random``              a seeded Gaussian direction, reproducible from
+#:                         ``seed`` and the weight's name; needs no data.
+INIT_MODES = ("batch_average_once", "batch_average", "ema", "random")
+
+_DEFAULT_NUM_GROUPS = 32
+
+
+def _as_patterns(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise ValueError(f"VeloraConfig.{what} must be a string or a sequence of glob patterns, got {value!r}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"VeloraConfig.{what} must hold glob patterns (str), got {p!r}")
+    return patterns
+
+
+@dataclass(frozen=True)
+class VeloraConfig:
+    """How velora_fx compresses the inputs that linear layers keep for ``dW``.
+
+    Each token of a compressed input (its last dimension, of size ``D``) is
+    split into sub-tokens of size ``d``; only the projection of each sub-token
+    onto a fixed unit vector ``v`` (one per weight) is kept for backward.
+
+    Exactly one of ``num_groups`` and ``sub_token_size`` is given (neither:
+    ``num_groups=32``, the paper's and PEFT's default). When ``D`` is not a
+    multiple of the sub-token size, the last sub-token of every token is
+    zero-padded (as PEFT does): ``d = ceil(D / num_groups)`` and each token
+    keeps ``ceil(D / d)`` scalars. A layer whose ``D`` is smaller than
+    ``num_groups`` (or than ``sub_token_size``) is left exact and reported.
+
+    Args:
+        num_groups: sub-tokens per token.
+        sub_token_size: size ``d`` of one sub-token.
+        init: how ``v`` is chosen, one of ``INIT_MODES``.
+        ema_decay: weight of the past for ``init="ema"``, in ``[0, 1)``.
+        seed: seed of ``init="random"``.
+        scale: factor on the approximate weight gradient only (``dx`` and
+            ``db`` stay exact). The paper uses 0.1 for LLaMA-7B + LoRA.
+        min_saved_bytes: inputs that would keep fewer bytes than this for
+            backward stay exact.
+        include: glob patterns on qualified parameter names (as in
+            ``model.named_parameters()``); only matching weights are
+            compressed. ``("*.v_proj.weight", "*.down_proj.weight")`` is the
+            paper's value-and-down-projection policy.
+        exclude: glob patterns; matching weights stay exact (wins over
+            ``include``).
+
+    Example::
+
+        >>> cfg = VeloraConfig(num_groups=16, include=("*.down_proj.weight",))
+        >>> cfg.sub_token_size_for(4096)
+        256
+        >>> VeloraConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    num_groups: Optional[int] = None
+    sub_token_size: Optional[int] = None
+    init: str = "batch_average_once"
+    ema_decay: float = 0.9
+    seed: int = 0
+    scale: float = 1.0
+    min_saved_bytes: int = 0
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_groups is not None and self.sub_token_size is not None:
+            raise ValueError(
+                "VeloraConfig: give num_groups or sub_token_size, not both "
+                f"(got num_groups={self.num_groups}, sub_token_size={self.sub_token_size})"
+            )
+        if self.num_groups is None and self.sub_token_size is None:
+            object.__setattr__(self, "num_groups", _DEFAULT_NUM_GROUPS)
+        for name in ("num_groups", "sub_token_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"VeloraConfig.{name} must be a positive int, got {value!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"VeloraConfig.init must be one of {INIT_MODES}, got {self.init!r}")
+        if not isinstance(self.ema_decay, (int, float)) or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"VeloraConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"VeloraConfig.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"VeloraConfig.scale must be a finite number, got {self.scale!r}")
+        if isinstance(self.min_saved_bytes, bool) or not isinstance(self.min_saved_bytes, int) or self.min_saved_bytes < 0:
+            raise ValueError(f"VeloraConfig.min_saved_bytes must be an int >= 0, got {self.min_saved_bytes!r}")
+        object.__setattr__(self, "include", _as_patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "ema_decay", float(self.ema_decay))
+
+    # -- per-layer decisions --------------------------------------------------
+
+    def sub_token_size_for(self, features: int) -> Optional[int]:
+        """Sub-token size ``d`` for a last dimension of ``features``; ``None`` if too small to split."""
+        if self.sub_token_size is not None:
+            return self.sub_token_size if self.sub_token_size <= features else None
+        assert self.num_groups is not None  # set in __post_init__
+        if self.num_groups > features:
+            return None
+        return -(-features // self.num_groups)
+
+    def why_excluded(self, param_name: str) -> Optional[str]:
+        """Reason the weight named ``param_name`` must stay exact by pattern, or ``None``."""
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(param_name, pattern):
+                return f"excluded by pattern {pattern!r}"
+        if not any(fnmatch.fnmatchcase(param_name, p) for p in self.include):
+            return f"matches no include pattern {self.include!r}"
+        return None
+
+    # -- serialisation -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict; ``VeloraConfig.from_dict`` inverts it."""
+        out = dataclasses.asdict(self)
+        out["include"] = list(self.include)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VeloraConfig":
+        """Build a config from ``to_dict()``'s output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"VeloraConfig.from_dict: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,229 @@
+"""What runs at training time: compress / reconstruct, choosing ``v``, and the VeLoRA linear op.
+
+NOTE [VeLoRA weight gradient]
+For ``y = x Wᵀ + b`` with ``x`` of shape ``(..., D)``, autograd keeps ``x``
+only to form ``dW = gᵀ x`` (``g = dy``, leading dims flattened). VeLoRA
+splits every token into ``n = ceil(D / d)`` sub-tokens of size ``d`` (the
+last one zero-padded when ``d`` does not divide ``D``) and keeps one scalar
+per sub-token, its projection on a unit vector ``v`` of size ``d``::
+
+    p  = z @ v                    z = pad(x).view(..., n, d)      (kept: n per token)
+    x̂  = (p[..., None] * v).view(..., n * d)[..., :D]            (rebuilt in backward)
+    dW ≈ scale · gᵀ x̂             dx = g W, db = Σ g              (exact)
+
+``x̂ = x P`` with ``P = blockdiag(v vᵀ, ...)``, so ``dŴ = dW P``: every row of
+``dŴ`` viewed as ``(n, d)`` is a multiple of ``v`` in each block. When every
+sub-token of ``x`` is a multiple of ``v``, ``x̂ = x`` and ``dŴ`` is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "project",
+    "reconstruct",
+    "sub_token_mean",
+    "initial_direction",
+    "refreshed_direction",
+    "random_direction",
+    "velora_linear",
+    "VeloraLinearFunction",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _num_sub_tokens(features: int, d: int) -> int:
+    return -(-features // d)
+
+
+def _sub_tokens(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x`` of shape ``(..., D)`` as ``(..., n, d)``, zero-padding the last sub-token."""
+    features = x.shape[-1]
+    n = _num_sub_tokens(features, d)
+    if n * d != features:
+        x = F.pad(x, (0, n * d - features))
+    return x.reshape(*x.shape[:-1], n, d)
+
+
+def project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Projections ``p`` of the sub-tokens of ``x`` on ``v``: shape ``(..., ceil(D / d))``, dtype of ``x``.
+
+    Example::
+
+        >>> v = torch.tensor([1.0, 0.0])
+        >>> project(torch.tensor([[1.0, 2.0, 3.0]]), v)   # sub-tokens [1, 2], [3, 0]
+        tensor([[1., 3.]])
+    """
+    return torch.matmul(_sub_tokens(x, v.shape[0]), v.to(x.dtype))
+
+
+def reconstruct(p: torch.Tensor, v: torch.Tensor, features: int) -> torch.Tensor:
+    """The coarse input ``x̂`` of shape ``(..., features)`` rebuilt from ``p = project(x, v)``.
+
+    Example::
+
+        >>> v = torch.tensor([1.0, 0.0])
+        >>> reconstruct(torch.tensor([[1.0, 3.0]]), v, 3)
+        tensor([[1., 0., 3.]])
+    """
+    x_hat = (p.unsqueeze(-1) * v.to(p.dtype)).flatten(-2)
+    return x_hat if x_hat.shape[-1] == features else x_hat[..., :features]
+
+
+def sub_token_mean(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Mean of all sub-tokens of ``x`` (padded ones included), in float32, shape ``(d,)``."""
+    z = _sub_tokens(x.detach(), d).reshape(-1, d)
+    return z.sum(0, dtype=torch.float32) / max(z.shape[0], 1)
+
+
+def _unit(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vec / ‖vec‖`` and whether that is a usable direction (finite, non-zero)."""
+    norm = torch.linalg.vector_norm(vec)
+    ok = torch.isfinite(norm) & (norm > torch.finfo(torch.float32).tiny)
+    return vec / torch.where(ok, norm, torch.ones_like(norm)), ok
+
+
+def initial_direction(x: torch.Tensor, d: int, layer: str) -> torch.Tensor:
+    """The first ``v`` of ``layer``: the normalised mean sub-token of ``x`` (float32).
+
+    Raises ``ValueError`` naming ``layer`` when ``x`` holds NaN/inf: a
+    direction computed from it would poison every later weight gradient. A
+    batch whose sub-tokens average to zero (all-zero input, or exactly
+    cancelling) has no mean direction: ``v`` falls back to the uniform
+    direction ``1/√d`` and a warning names the layer.
+    """
+    mean = sub_token_mean(x, d)
+    if not bool(torch.isfinite(mean).all()):
+        raise ValueError(
+            f"velora_fx: the calibration batch of {layer} holds NaN or inf, so no projection "
+            "direction can be computed from it; calibrate on a finite batch "
+            "(velora_fx.calibrate(model, batch)) or exclude this layer (VeloraConfig(exclude=...))"
+        )
+    v, ok = _unit(mean)
+    if not bool(ok):
+        log.warning(
+            "velora_fx: the sub-tokens of the calibration batch of %s average to zero; "
+            "using the uniform direction 1/sqrt(%d) for it",
+            layer,
+            d,
+        )
+        return torch.full((d,), 1.0 / math.sqrt(d), dtype=torch.float32, device=x.device)
+    return v
+
+
+def refreshed_direction(v: torch.Tensor, x: torch.Tensor, ema_decay: Optional[float]) -> torch.Tensor:
+    """``v`` for this training step under ``init="batch_average"`` (``ema_decay=None``) or ``"ema"``.
+
+    Traceable (no data-dependent Python): a batch with no usable mean
+    direction (zero or non-finite) keeps the previous ``v``.
+    """
+    new, ok = _unit(sub_token_mean(x, v.shape[0]))
+    if ema_decay is not None:
+        new, mixed_ok = _unit(ema_decay * v.float() + (1.0 - ema_decay) * new)
+        ok = ok & mixed_ok
+    return torch.where(ok, new, v.float()).to(v.dtype)
+
+
+def random_direction(d: int, seed: int, name: str) -> torch.Tensor:
+    """A seeded Gaussian unit vector (float32, CPU), reproducible from ``seed`` and the weight's ``name``."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    v = torch.randn(d, generator=generator, dtype=torch.float64)
+    return (v / v.norm()).float()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype the matmul runs in: the autocast dtype inside an autocast region, else ``x``'s."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class VeloraLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b`` (``transposed=False``: ``y = x W + b``) keeping only ``project(x, v)`` for ``dW``.
+
+    See NOTE [VeLoRA weight gradient]. An ``autograd.Function`` rather than a
+    ``custom_op`` so that Dynamo traces through it and the partitioner can
+    still fuse or recompute the projection (see DESIGN.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, v, scale: float, weight_is_out_by_in: bool):
+        dtype = _compute_dtype(x)
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        w_lin = w_c if weight_is_out_by_in else w_c.t()
+        y = F.linear(x_c, w_lin, None if bias is None else bias.to(dtype))
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(
+            project(x_c, v) if needs_w else None,
+            w_lin if needs_x else None,
+            v if needs_w else None,
+        )
+        ctx.scale = scale
+        ctx.weight_is_out_by_in = weight_is_out_by_in
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        ctx.features = x.shape[-1]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, w_lin, v = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        out_features = grad_out.shape[-1]
+        if needs_x:
+            dx = torch.matmul(grad_out, w_lin.to(grad_out.dtype)).to(ctx.x_dtype)
+        if needs_w:
+            x_hat = reconstruct(p, v, ctx.features).reshape(-1, ctx.features)
+            g = grad_out.reshape(-1, out_features)
+            dw = g.t().mm(x_hat.to(g.dtype)) if ctx.weight_is_out_by_in else x_hat.to(g.dtype).t().mm(g)
+            if ctx.scale != 1.0:
+                dw = dw * ctx.scale
+            dw = dw.to(ctx.w_dtype)
+        if needs_b:
+            db = grad_out.reshape(-1, out_features).sum(0).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None
+
+
+def velora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    v: torch.Tensor,
+    scale: float = 1.0,
+    weight_is_out_by_in: bool = True,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (or ``x @ weight + bias``) with the VeLoRA weight gradient.
+
+    Args:
+        x: input of shape ``(..., D)``, any number of leading dims.
+        weight: ``(out, D)`` when ``weight_is_out_by_in`` (``nn.Linear``), else ``(D, out)`` (``x @ W``).
+        bias: ``(out,)`` or ``None``.
+        v: unit vector of size ``d`` (the sub-token size).
+        scale: factor on the approximate ``dW`` only.
+
+    Returns:
+        ``y`` exactly as the plain op computes it; its backward gives exact
+        ``dx`` / ``db`` and ``dW = scale · gᵀ x̂``. Without grad mode, or when
+        ``weight`` needs no gradient, this is the plain op: nothing is projected.
+
+    Example::
+
+        >>> x = torch.randn(4, 8, requires_grad=True)
+        >>> lin = torch.nn.Linear(8, 3)
+        >>> v = torch.nn.functional.normalize(torch.ones(4), dim=0)
+        >>> velora_linear(x, lin.weight, lin.bias, v).sum().backward()
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return VeloraLinearFunction.apply(x, weight, bias, v, float(scale), weight_is_out_by_in)
+    w_lin = weight if weight_is_out_by_in else weight.t()
+    return F.linear(x, w_lin, bias)
