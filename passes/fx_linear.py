@@ -153,12 +153,7 @@ def _why_skipped(site: Site, config: VeloraConfig) -> Optional[str]:
     excluded = config.why_excluded(site.weight_name)
     if excluded:
         return excluded
-    features = weight.shape[1] if site.weight_is_out_by_in else weight.shape[0]
-    if config.sub_token_size_for(features) is None:
-        return (f"feature size {features} is smaller than "
-                f"{'num_groups' if config.num_groups else 'sub_token_size'} "
-                f"{config.num_groups or config.sub_token_size}; use a smaller one to compress it")
-    return None
+    return config.why_not_splittable(_features(site))
 
 
 def _features(site: Site) -> int:
@@ -282,7 +277,7 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
             shape, dtype, before, after = proj.kept_bytes(record.node)
             record = SiteRecord(**{**record.to_dict(), "input_shape": shape, "dtype": dtype,
                                    "bytes_before": before, "bytes_after": after})
-            if before is not None and after == before:
+            if before is not None and before < proj.config.min_saved_bytes:
                 record = SiteRecord(**{**record.to_dict(), "status": SKIPPED,
                                        "reason": f"below min_saved_bytes ({before} < {proj.config.min_saved_bytes})"})
         out.append(record)

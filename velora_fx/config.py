@@ -126,6 +126,17 @@ class VeloraConfig:
             return None
         return -(-features // self.num_groups)
 
+    def why_not_splittable(self, features: int) -> Optional[str]:
+        """Reason an input with last dimension ``features`` cannot be compressed, or ``None``."""
+        d = self.sub_token_size_for(features)
+        if d is None:
+            which = "num_groups" if self.num_groups is not None else "sub_token_size"
+            return (f"feature size {features} is smaller than {which} {getattr(self, which)}; "
+                    f"use a smaller {which} (or exclude this weight) to compress it")
+        if d == 1:
+            return f"sub-token size 1 for feature size {features}: the projections would be as large as the input"
+        return None
+
     def why_excluded(self, param_name: str) -> Optional[str]:
         """Reason the weight named ``param_name`` must stay exact by pattern, or ``None``."""
         for pattern in self.exclude:

@@ -74,19 +74,16 @@ class VeloraProjection(nn.Module):
 
     # -- what runs at a site ----------------------------------------------------------
 
-    def compresses(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether this call keeps projections (else it is the plain op)."""
+    def _is_training_call(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         if not (x.is_floating_point() and weight.requires_grad and x.numel() > 0):
             return False
-        if not (_forced_calibration or (self.training and torch.is_grad_enabled())):
-            return False
-        return x.numel() * x.element_size() >= self.config.min_saved_bytes
+        return _forced_calibration or (self.training and torch.is_grad_enabled())
 
     @torch.compiler.disable(reason="velora_fx calibrates v eagerly on the first training batch; "
                             "call velora_fx.calibrate(model, batch) before compiling with fullgraph=True")
     def _calibrate(self, x: torch.Tensor, site: str) -> None:
         with torch.no_grad():
-            self.v.copy_(ops.initial_direction(x, self.sub_token_size, f"{site} (weight {self.weight_name})"))
+            self.v.copy_(ops.initial_direction(x, self.sub_token_size, f"weight {self.weight_name!r} (graph node {site!r})"))
         self.calibrated = True
         log.debug("velora_fx: calibrated v of %s from a %s input at %s", self.weight_name, tuple(x.shape), site)
 
@@ -99,10 +96,12 @@ class VeloraProjection(nn.Module):
         site: str,
         weight_is_out_by_in: bool = True,
     ) -> torch.Tensor:
-        if not self.compresses(x, weight):
+        if not self._is_training_call(x, weight):
             return F.linear(x, weight if weight_is_out_by_in else weight.t(), bias)
         if site not in self.seen and not torch.compiler.is_compiling():
             self.seen[site] = (tuple(x.shape), x.dtype)
+        if x.numel() * x.element_size() < self.config.min_saved_bytes:
+            return F.linear(x, weight if weight_is_out_by_in else weight.t(), bias)
         if not self.calibrated:
             self._calibrate(x, site)
         v = self.v

@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI: derandomized, no deadline (Inductor compiles take seconds). VELORA_FX_HYPOTHESIS=thorough runs more examples.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("thorough" if os.environ.get("VELORA_FX_HYPOTHESIS") == "thorough" else "ci")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
