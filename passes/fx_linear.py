@@ -16,6 +16,7 @@ finds nothing new and reports ``modified=False``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import re
@@ -266,8 +267,13 @@ def velora_linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
 
 
 def records(gm: fx.GraphModule) -> list[SiteRecord]:
-    """The decisions recorded in ``gm``'s graph, sized with the inputs seen so far."""
+    """The decisions recorded in ``gm``'s graph, sized with the inputs seen so far.
+
+    Sites that share one input (q/k/v projections of one normed tensor) count
+    its bytes once, on the first of them.
+    """
     out = []
+    first_user: dict[Any, str] = {}
     for node in gm.graph.nodes:
         record = node.meta.get(META_KEY)
         if record is None:
@@ -275,10 +281,13 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
         if record.status == COMPRESSED and node.op == "call_module":
             proj = gm.get_submodule(node.target)
             shape, dtype, before, after = proj.kept_bytes(record.node)
-            record = SiteRecord(**{**record.to_dict(), "input_shape": shape, "dtype": dtype,
-                                   "bytes_before": before, "bytes_after": after})
+            changes = {"input_shape": shape, "dtype": dtype, "bytes_before": before, "bytes_after": after}
             if before is not None and before < proj.config.min_saved_bytes:
-                record = SiteRecord(**{**record.to_dict(), "status": SKIPPED,
-                                       "reason": f"below min_saved_bytes ({before} < {proj.config.min_saved_bytes})"})
+                changes.update(status=SKIPPED, reason=f"below min_saved_bytes ({before} < {proj.config.min_saved_bytes})")
+            elif before is not None and node.args[0] in first_user:
+                changes.update(bytes_before=0, bytes_after=after,
+                               reason=f"{record.reason}; input shared with {first_user[node.args[0]]} (counted there)")
+            first_user.setdefault(node.args[0], record.node)
+            record = dataclasses.replace(record, **changes)
         out.append(record)
     return out
