@@ -355,3 +355,13 @@ def test_compiled_fullgraph_after_calibration_no_recompiles():
 def test_transform_rejects_non_graph_modules():
     with pytest.raises(TypeError, match="symbolic_trace"):
         velora_fx.transform(MLP())
+
+
+def test_double_backward_is_refused_not_wrong():
+    gm = _transformed(MLP(), VeloraConfig(num_groups=8))
+    x = torch.randn(4, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(gm(x).sum(), x, create_graph=True)
+    gm.eval()  # the documented way out: exact ops
+    (dx,) = torch.autograd.grad(gm(x).sum(), x, create_graph=True)
+    dx.sum().backward()

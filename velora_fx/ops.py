@@ -176,6 +176,13 @@ class VeloraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: a derivative of the approximate dW would be silently wrong.
+            raise RuntimeError(
+                "velora_fx: double backward (create_graph=True) through a VeLoRA-compressed matmul is not "
+                "supported: its weight gradient is an approximation with no exact derivative. Run this step "
+                "with the model in eval() mode (exact ops), or exclude the layer (VeloraConfig(exclude=...))."
+            )
         p, w_lin, v = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
