@@ -11,6 +11,10 @@ per sub-token, its projection on a unit vector ``v`` of size ``d``::
     x̂  = (p[..., None] * v).view(..., n * d)[..., :D]            (rebuilt in backward)
     dW ≈ scale · gᵀ x̂             dx = g W, db = Σ g              (exact)
 
+Backward never builds ``x̂``: ``dŴ[o, j·d + i] = Σ_t g[t, o] p[t, j] v[i]``, i.e.
+``dŴ.view(out, n, d) = (gᵀ p)[..., None] * v`` — an ``(out × N × n)`` matmul
+instead of ``(out × N × D)``, ``d`` times fewer flops, and no ``N × D`` temporary.
+
 ``x̂ = x P`` with ``P = blockdiag(v vᵀ, ...)``, so ``dŴ = dW P``: every row of
 ``dŴ`` viewed as ``(n, d)`` is a multiple of ``v`` in each block. When every
 sub-token of ``x`` is a multiple of ``v``, ``x̂ = x`` and ``dŴ`` is exact.
@@ -190,12 +194,17 @@ class VeloraLinearFunction(torch.autograd.Function):
         if needs_x:
             dx = torch.matmul(grad_out, w_lin.to(grad_out.dtype)).to(ctx.x_dtype)
         if needs_w:
-            x_hat = reconstruct(p, v, ctx.features).reshape(-1, ctx.features)
+            # dŴ = gᵀ x̂ without rebuilding x̂: see NOTE [VeLoRA weight gradient].
             g = grad_out.reshape(-1, out_features)
-            dw = g.t().mm(x_hat.to(g.dtype)) if ctx.weight_is_out_by_in else x_hat.to(g.dtype).t().mm(g)
+            n, d = p.shape[-1], v.shape[0]
+            p2, vv = p.reshape(-1, n).to(g.dtype), v.to(g.dtype)
+            if ctx.weight_is_out_by_in:
+                dw = (g.t().mm(p2).unsqueeze(-1) * vv).reshape(out_features, n * d)[:, : ctx.features]
+            else:
+                dw = (p2.t().mm(g).unsqueeze(1) * vv[:, None]).reshape(n * d, out_features)[: ctx.features]
             if ctx.scale != 1.0:
                 dw = dw * ctx.scale
-            dw = dw.to(ctx.w_dtype)
+            dw = dw.to(ctx.w_dtype).contiguous()
         if needs_b:
             db = grad_out.reshape(-1, out_features).sum(0).to(ctx.b_dtype)
         return dx, dw, db, None, None, None
