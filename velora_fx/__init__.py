@@ -13,6 +13,7 @@ from .fx import calibrate, projections, transform
 from .ops import project, reconstruct, velora_linear
 from .projection import VeloraProjection
 from .report import Report, SiteRecord, report
+from .compile_backend import backend, make_backend
 
 __all__ = [
     "INIT_MODES",

@@ -1,0 +1,197 @@
+"""Every private torch API velora_fx touches, in one place.
+
+A torch upgrade that moves one of these breaks this file only. Tested on
+torch 2.13 (see ``pyproject.toml`` for the range claimed). Nothing here knows
+about VeLoRA: these are thin, named wrappers over compiler internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.fx
+
+__all__ = [
+    "CustomGraphPass",
+    "compile_fx",
+    "inductor_patch",
+    "mode_config_patches",
+    "hash_files",
+    "placeholder_source",
+    "placeholder_example",
+    "copy_graph_module_with_inputs",
+    "detect_fake_mode",
+    "size_hint",
+    "is_symbolic",
+    "optimized_module_type",
+    "unwrap_optimized_module",
+    "cache_dir",
+    "stable_topological_sort",
+    "compile_caches",
+    "aot_cache_hits",
+]
+
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict[str, Any]) -> Callable:
+    """Inductor's ``compile_fx``: what ``torch.compile(backend="inductor")`` runs; keeps ``_boxed_call``."""
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, example_inputs, config_patches=config_patches or None)
+
+
+@contextlib.contextmanager
+def inductor_patch(**patches: Any) -> Iterator[None]:
+    """``torch._inductor.config.patch`` (e.g. ``joint_custom_pre_pass=...``) for the duration of a compile."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(**patches):
+        yield
+
+
+def mode_config_patches(mode: Optional[str], options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Inductor config patches for ``torch.compile(mode=..., options=...)``, as the built-in backend derives them."""
+    if not mode and not options:
+        return {}
+    wrapper = torch._TorchCompileInductorWrapper(mode, options, None)  # type: ignore[attr-defined]
+    return dict(wrapper.config)
+
+
+def hash_files(paths: Iterable[str], extra: str = "") -> str:
+    """Hex digest of the contents of ``paths`` and ``extra`` (Inductor's helper for custom-pass ``uuid()``)."""
+    return get_hash_for_files(tuple(paths), extra).hex()
+
+
+def placeholder_source(node: torch.fx.Node) -> Any:
+    """Dynamo's ``Source`` of a placeholder of a Dynamo graph (``None`` when it has none)."""
+    source = getattr(node, "_dynamo_source", None)
+    if source is None:
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+    return source
+
+
+def placeholder_example(node: torch.fx.Node) -> Any:
+    """The real value Dynamo traced a placeholder with (the ``nn.Parameter`` itself for a lifted parameter)."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return None
+    try:
+        return grapharg.example
+    except Exception:  # a freed weak example: no longer resolvable
+        return None
+
+
+def detect_fake_mode(values: Sequence[Any]) -> Any:
+    """The ``FakeTensorMode`` the fake ``values`` belong to (``None`` if there is none)."""
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(values)
+
+
+def copy_graph_module_with_inputs(
+    gm: torch.fx.GraphModule,
+    new_inputs: Sequence[tuple[str, torch.Tensor]],
+    example_inputs: Sequence[Any],
+) -> tuple[torch.fx.GraphModule, list[torch.fx.Node], list[Any]]:
+    """A copy of Dynamo's ``gm`` with one extra placeholder per ``(name, real tensor)``, appended last.
+
+    Dynamo's own ``gm`` is never touched (placeholders added in place give
+    ``KeyError: grapharg``; buffers registered on it give ``... not found in
+    param_name_to_source``): the copy carries ``meta``,
+    ``_param_name_to_source`` and every placeholder's ``_dynamo_source`` over,
+    and the new placeholders get a static-shape fake value (a fake value with
+    fresh shape symbols has no source, and guarding on it fails in
+    ``symbolic_shapes.issue_guard`` with an ``IndexError``).
+
+    Returns the copy, its new placeholder nodes, and the extended example inputs.
+    """
+    graph = copy.deepcopy(gm.graph)
+    new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source  # type: ignore[attr-defined]
+    old_placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    new_placeholders_old = list(new_gm.graph.find_nodes(op="placeholder"))
+    for old, new in zip(old_placeholders, new_placeholders_old):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source  # type: ignore[attr-defined]
+        new.meta = dict(old.meta)
+    fake_mode = detect_fake_mode(list(example_inputs))
+    added: list[torch.fx.Node] = []
+    extra_examples: list[Any] = []
+    anchor = new_placeholders_old[-1] if new_placeholders_old else None
+    for name, tensor in new_inputs:
+        ctx = new_gm.graph.inserting_after(anchor) if anchor is not None else new_gm.graph.inserting_before(None)
+        with ctx:
+            node = new_gm.graph.placeholder(name)
+        node._dynamo_source = None  # type: ignore[attr-defined]
+        fake = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else tensor
+        node.meta["example_value"] = fake
+        node.meta["val"] = fake
+        added.append(node)
+        extra_examples.append(fake)
+        anchor = node
+    new_gm.recompile()
+    return new_gm, added, list(example_inputs) + extra_examples
+
+
+def size_hint(value: Any) -> int:
+    """A concrete int for a (possibly symbolic) size: the example value Dynamo traced with, for a ``SymInt``."""
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(value))
+    return int(value)
+
+
+def is_symbolic(value: Any) -> bool:
+    """Whether ``value`` is a ``SymInt`` that is not a known constant."""
+    return isinstance(value, torch.SymInt) and not value.node.is_constant()
+
+
+def optimized_module_type() -> type:
+    """The class of what ``torch.compile(module)`` returns."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+def unwrap_optimized_module(obj: Any) -> Any:
+    """The user's module behind ``torch.compile(module)``; ``obj`` itself otherwise."""
+    return getattr(obj, "_orig_mod", obj) if isinstance(obj, optimized_module_type()) else obj
+
+
+def cache_dir() -> str:
+    """Inductor's on-disk cache directory (where its FX and AOTAutograd caches live)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as _cache_dir
+
+    return _cache_dir()
+
+
+def stable_topological_sort(graph: torch.fx.Graph) -> None:
+    """Inductor's order-preserving topological sort."""
+    from torch._inductor.pattern_matcher import stable_topological_sort as _sort
+
+    _sort(graph)
+
+
+@contextlib.contextmanager
+def compile_caches(enabled: bool) -> Iterator[None]:
+    """Turn Inductor's FX graph cache and the AOTAutograd cache on or off (tests and benchmarks)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=enabled), functorch_config.patch(enable_autograd_cache=enabled):
+        yield
+
+
+def aot_cache_hits() -> int:
+    """How many AOTAutograd cache hits this process has had."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["aot_autograd"]["autograd_cache_hit"])
