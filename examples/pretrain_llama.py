@@ -114,10 +114,7 @@ def main(argv=None) -> dict:
     start_step, history = 0, []
     if args.resume:
         state = torch.load(args.ckpt, weights_only=False)
-        # v buffers are created on the first compiled call; load_state_dict after a no-op shape pass would be
-        # overkill: velora_fx restores them from the state dict when they appear (strict=False here).
-        model.load_state_dict(state["model"], strict=False)
-        velora_fx.load_pending_state(model, state["model"]) if hasattr(velora_fx, "load_pending_state") else None
+        velora_fx.load_state_dict(model, state["model"])  # also restores the v buffers a fresh model lacks
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_step, history = state["step"], state["history"]

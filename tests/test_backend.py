@@ -530,6 +530,25 @@ def test_state_dict_round_trip_gives_the_same_next_step(dynamic):
     assert all(torch.equal(a, b) for a, b in zip(v_buffers(dynamic.model).values(), v_buffers(fresh).values()))
 
 
+def test_resume_into_a_fresh_model_before_its_first_call(dynamic):
+    torch.manual_seed(5)
+    x = torch.randn(2, 9, 32)
+    state = copy.deepcopy(dynamic.model.state_dict())
+    fresh = TinyMLP()
+    compiled = torch.compile(fresh, backend=dynamic.backend)
+    with pytest.raises(RuntimeError, match="Unexpected key.*_velora_v"):
+        fresh.load_state_dict(state)  # a plain load cannot know the buffers yet
+    velora_fx.load_state_dict(compiled, state)
+    for p in list(fresh.parameters()) + list(dynamic.model.parameters()):
+        p.grad = None
+    loss_a, _ = saved_bytes_step(dynamic.compiled, x)
+    loss_b, _ = saved_bytes_step(compiled, x)
+    assert torch.equal(loss_a, loss_b)
+    ga, gb = grads(dynamic.model), grads(fresh)
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+    assert all(torch.equal(a, b) for a, b in zip(v_buffers(dynamic.model).values(), v_buffers(fresh).values()))
+
+
 def test_inference_graph_is_the_default_one(dynamic):
     fresh = TinyMLP()
     fresh.load_state_dict(_strip(dynamic.model.state_dict()))

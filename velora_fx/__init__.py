@@ -13,7 +13,7 @@ from .fx import calibrate, projections, transform
 from .ops import project, reconstruct, velora_linear
 from .projection import VeloraProjection
 from .report import Report, SiteRecord, report
-from .compile_backend import backend, make_backend
+from .compile_backend import backend, load_state_dict, make_backend
 
 __all__ = [
     "INIT_MODES",
@@ -21,7 +21,10 @@ __all__ = [
     "VeloraProjection",
     "Report",
     "SiteRecord",
+    "backend",
     "calibrate",
+    "load_state_dict",
+    "make_backend",
     "project",
     "projections",
     "reconstruct",

@@ -53,7 +53,7 @@ from velora_fx.passes.joint_graph import (
 )
 from velora_fx.report import COMPRESSED, SiteRecord, attach_records
 
-__all__ = ["make_backend", "backend", "VeloraBackend", "V_SUFFIX"]
+__all__ = ["make_backend", "backend", "load_state_dict", "VeloraBackend", "V_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -652,6 +652,43 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
         >>> print(velora_fx.report(model))                                      # doctest: +SKIP
     """
     return VeloraBackend(config)
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, Any], strict: bool = True):
+    """``model.load_state_dict(state_dict)`` for a model trained with the backend, before its first compiled call.
+
+    The ``<param>_velora_v`` buffers appear on a model the first time its
+    compiled graph runs with grad; a fresh model does not have them yet, so a
+    plain strict ``load_state_dict`` rejects them (and ``strict=False`` would
+    drop them, recalibrating ``v`` on the next batch: the resumed run would
+    differ). This registers the missing buffers first; the backend then
+    uses the loaded directions as they are.
+
+    Args:
+        model: the model, or what ``torch.compile`` returned for it.
+        state_dict: as saved from ``model.state_dict()``.
+        strict: as for ``nn.Module.load_state_dict``.
+
+    Returns:
+        What ``nn.Module.load_state_dict`` returns.
+
+    Example::
+
+        >>> model = torch.compile(MyModel(), backend=velora_fx.backend)           # doctest: +SKIP
+        >>> velora_fx.load_state_dict(model, torch.load("ckpt.pt")["model"])      # doctest: +SKIP
+    """
+    root = ti.unwrap_optimized_module(model)
+    for key, value in state_dict.items():
+        if not key.endswith(V_SUFFIX):
+            continue
+        owner_name, _, leaf = key.rpartition(".")
+        try:
+            owner = root.get_submodule(owner_name)
+        except AttributeError:
+            continue  # strict loading reports the unexpected key
+        if leaf not in owner._buffers:
+            owner.register_buffer(leaf, torch.zeros_like(value), persistent=True)
+    return root.load_state_dict(state_dict, strict=strict)
 
 
 #: ``torch.compile(model, backend=velora_fx.backend)``: the backend with ``VeloraConfig()`` defaults.
