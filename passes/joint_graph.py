@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -36,6 +35,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from velora_fx import _torch_internals as ti
 from velora_fx.config import VeloraConfig
 from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord, kept_bytes
+from velora_fx.report import __file__ as _REPORT_FILE
 
 __all__ = [
     "ParamSlot",
@@ -329,6 +329,8 @@ def plan_joint_graph(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConfi
             site["reason"] = slot.reason or "the weight has no projection direction"
         elif features is None:
             site["reason"] = "the contraction size is symbolic"
+        elif not _val(left).dtype.is_floating_point:
+            site["reason"] = f"the input is {_val(left).dtype}: only real floating-point inputs are compressed"
         elif slot.features != features:
             site["reason"] = f"v is sized for D={slot.features}, this matmul contracts D={features}"
         elif config.sub_token_size_for(features) is None:
@@ -624,7 +626,7 @@ def velora_joint_pass(gm: torch.fx.GraphModule, spec: GraphSpec, config: VeloraC
     return PassResult(gm, modified), plan
 
 
-_SOURCES = (__file__, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "velora_fx", "report.py"))
+_SOURCES = (__file__, _REPORT_FILE)  # what the rewrite and its records depend on
 
 
 class VeloraJointPass(ti.CustomGraphPass):

@@ -15,3 +15,9 @@ settings.load_profile("thorough" if os.environ.get("VELORA_FX_HYPOTHESIS") == "t
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Many tests compile the same small model classes; past Dynamo's recompile limit a frame silently runs
+# eagerly (no backend at all), which would make backend tests vacuous. Raise it for the test session.
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.accumulated_recompile_limit = 4096

@@ -26,6 +26,8 @@ __all__ = [
     "detect_fake_mode",
     "size_hint",
     "is_symbolic",
+    "higher_order_op_name",
+    "is_fake",
     "optimized_module_type",
     "unwrap_optimized_module",
     "cache_dir",
@@ -150,8 +152,22 @@ def size_hint(value: Any) -> int:
 
 
 def is_symbolic(value: Any) -> bool:
-    """Whether ``value`` is a ``SymInt`` that is not a known constant."""
-    return isinstance(value, torch.SymInt) and not value.node.is_constant()
+    """Whether ``value`` is a ``SymInt`` that is not a known constant (nor specialised to one by a guard)."""
+    return isinstance(value, torch.SymInt) and value.node.maybe_as_int() is None
+
+
+def higher_order_op_name(target: Any) -> Optional[str]:
+    """The name of a higher-order operator (``tag_activation_checkpoint``, ...), ``None`` for anything else."""
+    from torch._ops import HigherOrderOperator
+
+    return target.name() if isinstance(target, HigherOrderOperator) else None
+
+
+def is_fake(value: Any) -> bool:
+    """Whether ``value`` is a ``FakeTensor`` (a compiled graph called during compilation, e.g. by DDPOptimizer)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
 
 
 def optimized_module_type() -> type:

@@ -41,7 +41,7 @@ from torch import nn
 
 from velora_fx import _torch_internals as ti
 from velora_fx.config import VeloraConfig
-from velora_fx.ops import initial_direction, random_direction, refreshed_direction
+from velora_fx.ops import direction_from_mean, initial_direction, random_direction, refreshed_direction, sub_token_mean
 from velora_fx.passes.joint_graph import (
     DIRECTION_OP,
     GraphSpec,
@@ -111,6 +111,7 @@ class _ParamUse:
     uses: list[tuple[torch.fx.Node, torch.fx.Node]]  # (matmul node, its input operand)
     features: Optional[int] = None
     reason: str = ""
+    hops: set = dataclasses.field(default_factory=set)  # higher-order ops the weight is passed into
 
 
 def _param_uses(gm: torch.fx.GraphModule, index: int, node: torch.fx.Node) -> _ParamUse:
@@ -124,6 +125,9 @@ def _param_uses(gm: torch.fx.GraphModule, index: int, node: torch.fx.Node) -> _P
                 continue
             seen.add(user)
             ops = _operands(user)
+            hop = ti.higher_order_op_name(user.target) if user.op == "call_function" else None
+            if hop is not None:
+                out.hops.add(hop)
             if ops is not None:
                 inp, weight = ops
                 if weight is n and isinstance(inp, torch.fx.Node):
@@ -132,18 +136,23 @@ def _param_uses(gm: torch.fx.GraphModule, index: int, node: torch.fx.Node) -> _P
                 stack.append(user)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out.uses.sort(key=lambda u: order[u[0]])
-    sizes = set()
+    found = []  # a list: a SymInt is unhashable
     for _, inp in out.uses:
         val = inp.meta.get("example_value")
         if not isinstance(val, torch.Tensor) or val.dim() == 0:
             out.reason = f"the input of {inp.name} has no known shape"
             return out
-        sizes.add(val.shape[-1])
-    if not out.uses:
+        found.append(val.shape[-1])
+    if out.hops:  # e.g. torch.utils.checkpoint: the matmul lives in a subgraph this backend does not look into
+        out.reason = (
+            f"the weight is used inside {', '.join(sorted(out.hops))} (activation checkpointing), whose subgraph "
+            "velora_fx does not rewrite; it stays exact (move the checkpoint off this layer to compress it)"
+        )
+    elif not out.uses:
         out.reason = "the weight reaches no matmul as its right operand (x @ W, F.linear)"
-    elif any(ti.is_symbolic(s) for s in sizes):
+    elif any(ti.is_symbolic(s) for s in found):
         out.reason = "the contraction size is symbolic"
-    elif len(sizes) > 1:
+    elif len(sizes := {int(s) for s in found}) > 1:
         out.reason = f"the weight is used with several contraction sizes {sorted(map(int, sizes))}"
     else:
         out.features = int(next(iter(sizes)))
@@ -312,13 +321,19 @@ class VeloraBackend:
         slots: list[ParamSlot] = []
         new_inputs: list[tuple[str, torch.Tensor]] = []
         refreshed = cfg.init in ("batch_average", "ema")
+        if refreshed and _distributed():
+            raise ValueError(
+                f"velora_fx: init={cfg.init!r} recomputes v from each rank's own batch inside the compiled graph, so "
+                "the ranks of this torch.distributed job would train with different v; use init='batch_average_once' "
+                "(calibrated once from the global first batch) or init='random' (seeded, the same on every rank)"
+            )
         n_in = len(placeholders)
         for (i, node, param), owner, use in zip(params, owners, uses):
             fqn = owner.fqn if owner is not None else _source_fqn(ti.placeholder_source(node))
             reason = cfg.why_excluded(fqn) or use.reason
             d = cfg.sub_token_size_for(use.features) if use.features is not None else None
-            if not reason and d is None:
-                reason = f"D={use.features} is too small to split"
+            if not reason and use.features is not None:
+                reason = cfg.why_not_splittable(use.features) or ""  # too small, or d = 1 (p as large as X)
             if reason:
                 slots.append(ParamSlot(primal=i, fqn=fqn, reason=reason, features=use.features))
                 continue
@@ -337,6 +352,8 @@ class VeloraBackend:
             _store_plan(key, sites)
         else:
             sites = _load_plan(key)
+            if sites is not None:  # stored by an earlier compile, perhaps under another graph id
+                sites = [dataclasses.replace(s, record=dataclasses.replace(s.record, graph=name)) for s in sites]
             log.debug("velora_fx: %s came from the compile cache; plan %s", name, "found" if sites else "missing")
         if joint_pass.graph_dump is not None and _debug_enabled():
             log.log(
@@ -547,15 +564,28 @@ class _VeloraCompiledGraph:
         with torch.no_grad(), torch.random.fork_rng(devices=list({d for d in devices})):
             Capture(self.dynamo_gm).run(*inputs)
         del inputs
+        batches = []
         for k, binding in todo:
+            xs = [x.reshape(-1, self.spec.slots[k].features) for x in captured[k]]
+            batches.append(None if not xs else xs[0] if len(xs) == 1 else torch.cat(xs))
+        if _distributed():  # see NOTE [one v on every rank]
+            means = _global_sub_token_means(
+                [(self.spec.slots[k].sub_token_size, x) for (k, _), x in zip(todo, batches)], todo[0][1].v().device
+            )
+        for i, ((k, binding), x) in enumerate(zip(todo, batches)):
             slot = self.spec.slots[k]
-            xs = [x.reshape(-1, slot.features) for x in captured[k]]
-            if not xs:
-                continue
-            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            if _distributed():
+                mean, count = means[i]
+                if count == 0:
+                    continue  # no tokens on any rank: nothing to average; stays uncalibrated
+                new = direction_from_mean(mean, binding.fqn)
+            elif x is None or x.shape[0] == 0:
+                continue  # no tokens (an empty batch): nothing to average; stays uncalibrated (its dW is 0: exact)
+            else:
+                new = initial_direction(x, slot.sub_token_size, binding.fqn)
             v = binding.v()
             with torch.no_grad():
-                v.copy_(initial_direction(x, slot.sub_token_size, binding.fqn).to(v.device, v.dtype))
+                v.copy_(new.to(v.device, v.dtype))
             binding.ready = True
             log.info("velora_fx: calibrated v of %s on the first batch", binding.fqn)
 
@@ -566,6 +596,8 @@ class _VeloraCompiledGraph:
             args = call_args[0]  # boxed: the callee frees the inputs by clearing the list
         else:
             args = list(call_args)
+        if any(ti.is_fake(a) for a in args):
+            return self._call_fake(args)
         self._note_instance(args)
         vs = []
         todo = []
@@ -607,6 +639,63 @@ class _VeloraCompiledGraph:
                     v.copy_(new)
         return outs
 
+    def _call_fake(self, args: list) -> Any:
+        """A call on fake inputs while compiling (DDPOptimizer runs each compiled split): shapes only, no ``v`` bound."""
+        for k in self.v_slots:
+            slot = self.spec.slots[k]
+            args.append(torch.zeros(slot.sub_token_size, device=args[slot.primal].device))
+        outs = self.compiled(args) if self._inner_takes_list else self.compiled(*args)
+        if self.n_refresh:
+            outs = list(outs)[: len(outs) - self.n_refresh]
+        return outs
+
+
+# -- torch.distributed: one v on every rank ------------------------------------------------
+#
+# NOTE [one v on every rank]
+# Under data parallelism (DDP, FSDP) every rank must project with the same v,
+# or the all-reduced weight gradient mixes different subspaces. When
+# torch.distributed is initialised with more than one rank, calibration uses
+# the *global* first batch: each rank turns the sub-token mean of its own
+# inputs back into a sum (float64) with its count, one all_reduce over the
+# default process group adds them up, and every rank normalises the same
+# mean (NaN/inf on any rank raises on every rank); so v is what one
+# process would compute on the concatenation of all ranks' first batches (up
+# to float rounding). There is one all_reduce per calibrating graph call, and
+# it happens on every rank that calls the graph for the first time with
+# uncalibrated buffers: all ranks must start from the same state (all fresh,
+# or all loaded from one checkpoint) and run the same graphs in the same
+# order, which data parallelism does anyway. The refreshing modes
+# (batch_average, ema) are refused under torch.distributed: they recompute v
+# from each rank's own batch inside the compiled graph.
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised ``torch.distributed`` job."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_sub_token_means(batches: list[tuple[int, Optional[torch.Tensor]]], device) -> list[tuple[torch.Tensor, int]]:
+    """Per ``(d, x)``: the mean sub-token over all ranks and its count, with one ``all_reduce``."""
+    sizes = [d for d, _ in batches]
+    total = sum(sizes)
+    packed = torch.zeros(total + len(batches), dtype=torch.float64, device=device)
+    offset = 0
+    for i, (d, x) in enumerate(batches):
+        if x is not None and x.shape[0]:
+            count = x.shape[0] * (-(-x.shape[-1] // d))
+            packed[offset : offset + d] = sub_token_mean(x, d).to(device, torch.float64) * count
+            packed[total + i] = count
+        offset += d
+    torch.distributed.all_reduce(packed)
+    out, offset = [], 0
+    for i, d in enumerate(sizes):
+        count = int(packed[total + i])
+        out.append(((packed[offset : offset + d] / max(count, 1)).float(), count))
+        offset += d
+    return out
+
 
 # -- public -------------------------------------------------------------------------------
 
@@ -627,9 +716,19 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
     ``state_dict()`` / ``load_state_dict()`` carry it). It is calibrated from
     the first training batch (the normalised mean sub-token of the weight's
     input, computed on the first call of the compiled graph), unless the
-    buffer is already non-zero (a loaded checkpoint). ``init="random"`` needs
-    no batch; ``"batch_average"`` / ``"ema"`` recompute ``v`` inside the
-    compiled forward on every step (no recompilation) and write it back.
+    buffer is already non-zero (a loaded checkpoint).
+
+    Under ``torch.distributed`` (initialised, more than one rank: DDP,
+    FSDP2) every rank gets the same ``v``: it is calibrated from the *global*
+    first batch, the sub-token sums and counts of all ranks all-reduced over
+    the default process group, then normalised (one ``all_reduce`` per
+    calibrating graph; all ranks must start from the same buffers: all fresh,
+    or all loaded from one checkpoint). ``init="batch_average"`` / ``"ema"``
+    are refused there with a ``ValueError`` (they would refresh ``v`` per rank).
+
+    ``init="random"`` needs no batch; ``"batch_average"`` / ``"ema"``
+    recompute ``v`` inside the compiled forward on every step (no
+    recompilation) and write it back.
 
     A weight used at several places (tied weights) has one ``v``, shared by
     all its uses, calibrated from all its inputs in the graph that runs first

@@ -35,6 +35,7 @@ __all__ = [
     "reconstruct",
     "sub_token_mean",
     "initial_direction",
+    "direction_from_mean",
     "refreshed_direction",
     "random_direction",
     "velora_linear",
@@ -104,7 +105,12 @@ def initial_direction(x: torch.Tensor, d: int, layer: str) -> torch.Tensor:
     cancelling) has no mean direction: ``v`` falls back to the uniform
     direction ``1/√d`` and a warning names the layer.
     """
-    mean = sub_token_mean(x, d)
+    return direction_from_mean(sub_token_mean(x, d), layer)
+
+
+def direction_from_mean(mean: torch.Tensor, layer: str) -> torch.Tensor:
+    """``initial_direction`` from an already averaged sub-token ``mean`` (e.g. all-reduced over ranks); same checks."""
+    d = mean.shape[0]
     if not bool(torch.isfinite(mean).all()):
         raise ValueError(
             f"velora_fx: the calibration batch of {layer} holds NaN or inf, so no projection "
@@ -119,7 +125,7 @@ def initial_direction(x: torch.Tensor, d: int, layer: str) -> torch.Tensor:
             layer,
             d,
         )
-        return torch.full((d,), 1.0 / math.sqrt(d), dtype=torch.float32, device=x.device)
+        return torch.full((d,), 1.0 / math.sqrt(d), dtype=torch.float32, device=mean.device)
     return v
 
 
