@@ -270,9 +270,12 @@ def _load_plan(key: str) -> Optional[list[PlannedSite]]:
 def _graph_key(gm: torch.fx.GraphModule, examples: Sequence[Any], uuid: str) -> str:
     h = hashlib.sha256(uuid.encode())
     h.update(gm.code.encode())
+    def dims(sizes) -> tuple:  # a symbol's name depends on what was compiled before: only say "symbolic"
+        return tuple("sym" if ti.is_symbolic(s) else int(s) for s in sizes)
+
     for e in examples:
         if isinstance(e, torch.Tensor):
-            h.update(f"{tuple(e.shape)}|{tuple(e.stride())}|{e.dtype}|{e.requires_grad}".encode())
+            h.update(f"{dims(e.shape)}|{dims(e.stride())}|{e.dtype}|{e.requires_grad}".encode())
         else:
             h.update(repr(e).encode())
     return h.hexdigest()[:40]
@@ -348,13 +351,18 @@ class VeloraBackend:
         with ti.inductor_patch(joint_custom_pre_pass=joint_pass):
             compiled = ti.compile_fx(new_gm, new_examples, patches)
         sites = joint_pass.records
-        if sites is not None:
-            _store_plan(key, sites)
-        else:
+        if sites is None:  # a compile-cache hit: the pass did not run; its plan was stored when it did
             sites = _load_plan(key)
             if sites is not None:  # stored by an earlier compile, perhaps under another graph id
                 sites = [dataclasses.replace(s, record=dataclasses.replace(s.record, graph=name)) for s in sites]
-            log.debug("velora_fx: %s came from the compile cache; plan %s", name, "found" if sites else "missing")
+            else:  # rare (a cache written before the plan store was): compile once more, caches off
+                log.info("velora_fx: %s came from the compile cache without its plan; recompiling it", name)
+                joint_pass = VeloraJointPass(spec, cfg)
+                with ti.inductor_patch(joint_custom_pre_pass=joint_pass), ti.compile_caches(False):
+                    compiled = ti.compile_fx(new_gm, new_examples, patches)
+                sites = joint_pass.records
+        if joint_pass.records is not None:
+            _store_plan(key, sites)
         if joint_pass.graph_dump is not None and _debug_enabled():
             log.log(
                 logging.WARNING if os.environ.get(_DEBUG_ENV) else logging.DEBUG,
