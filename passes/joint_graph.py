@@ -475,14 +475,19 @@ def _dims(build: _Builder, node: torch.fx.Node, upto: int) -> list[Any]:
     return out
 
 
+def _scaled_v(b: _Builder, v: torch.fx.Node, dtype: torch.dtype, scale: float = 1.0) -> torch.fx.Node:
+    """``scale · v`` in ``dtype`` (``v`` is a float32 graph input)."""
+    vv = v if _val(v).dtype == dtype else b(prims.convert_element_type.default, v, dtype)
+    return vv if scale == 1.0 else b(aten.mul.Tensor, vv, scale)
+
+
 def _project(graph, x, v, d, site) -> torch.fx.Node:
     """``p = (pad(x).view(..., n, d) * v).sum(-1)``, inserted before ``site``: shape ``(*x.shape[:-1], n)``."""
     features = int(_val(x).shape[-1])
     n = -(-features // d)
     with graph.inserting_before(site):
         b = _Builder(graph, site, "project")
-        dtype = _val(x).dtype
-        vv = v if _val(v).dtype == dtype else b(prims.convert_element_type.default, v, dtype)
+        vv = _scaled_v(b, v, _val(x).dtype)
         xp = x if n * d == features else b(aten.constant_pad_nd.default, x, [0, n * d - features], 0.0)
         z = b(aten.view.default, xp, [*_dims(b, x, _val(x).dim() - 1), n, d])
         return b(aten.sum.dim_IntList, b(aten.mul.Tensor, z, vv), [-1])
@@ -493,10 +498,7 @@ def _reconstruct(graph, p, v, features, d, scale, before) -> torch.fx.Node:
     n = -(-features // d)
     with graph.inserting_before(before):
         b = _Builder(graph, before, "reconstruct")
-        dtype = _val(p).dtype
-        vv = v if _val(v).dtype == dtype else b(prims.convert_element_type.default, v, dtype)
-        if scale != 1.0:
-            vv = b(aten.mul.Tensor, vv, scale)
+        vv = _scaled_v(b, v, _val(p).dtype, scale)
         lead = _dims(b, p, _val(p).dim() - 1)
         flat = b(aten.view.default, b(aten.mul.Tensor, b(aten.unsqueeze.default, p, -1), vv), [*lead, n * d])
         return flat if n * d == features else b(aten.slice.Tensor, flat, -1, 0, features)
@@ -540,10 +542,7 @@ def _weight_grad_from_p(graph, consumer, reads, chain, x, p, v, d, scale) -> Opt
     n = -(-features // d)
     with graph.inserting_before(consumer):
         b = _Builder(graph, consumer, "weight_gradient")
-        dtype = _val(p).dtype
-        vv = v if _val(v).dtype == dtype else b(prims.convert_element_type.default, v, dtype)
-        if scale != 1.0:
-            vv = b(aten.mul.Tensor, vv, scale)
+        vv = _scaled_v(b, v, _val(p).dtype, scale)
         rows = _dims(b, reads, 2)[1 if transposed else 0]
         p2d = b(aten.view.default, p, [rows, n])
         if not transposed:  # mm(G (out, N), X2d (N, D)) -> (out, D)
