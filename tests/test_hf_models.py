@@ -26,7 +26,7 @@ from velora_fx import VeloraConfig, ops  # noqa: E402
 from velora_fx.compile_backend import V_SUFFIX  # noqa: E402
 from velora_fx.report import COMPRESSED, SKIPPED  # noqa: E402
 
-from .test_backend import assert_close, grads, v_buffers  # noqa: E402
+from .test_backend import assert_close, grads, saved_bytes_step, v_buffers  # noqa: E402
 
 HF_CFG = VeloraConfig(num_groups=8)  # small dims (32-64) still split
 BATCH, SEQ, VOCAB = 2, 16, 128
@@ -39,17 +39,7 @@ class Run(types.SimpleNamespace):
 
 def hf_step(model, batch: dict, loss_fn):
     """Loss of one training step and the bytes of distinct storages saved for backward (see tests/test_backend.py)."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(**batch))
-    loss.backward()
-    return loss.detach(), sum(storages.values())
+    return saved_bytes_step(lambda b: model(**b), batch, loss_fn=loss_fn)
 
 
 def capture_sites(model: nn.Module):
