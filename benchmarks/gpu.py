@@ -35,31 +35,20 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import LORA_METHODS, LORA_TARGETS, PAPER_POLICY, methods_for, reference_for  # noqa: E402
+from benchmarks.peers import (  # noqa: E402
+    LORA_METHODS,
+    LORA_TARGETS,
+    PAPER_POLICY,
+    distinct_class,
+    methods_for,
+    reference_for,
+)
 
 DEFAULT_METHODS = [
     "eager", "compile", "velora-g32", "velora-paper", "ckpt-compile", "budget-0.5", "budget-0.2",
     "lora-compile", "lora-peft-velora", "lora-velora_fx",
 ]  # fmt: skip
 EAGER = ("eager", "ckpt-eager", "lora-eager", "lora-peft-velora")
-
-
-def distinct_class(model, method: str):
-    """Give this configuration's model its own class, so that Dynamo compiles it afresh.
-
-    Dynamo caches compiled code on the ``forward`` code object and guards on the module's type, not on the
-    backend's config: without this, a second model of the same class in the same process silently reuses
-    the first one's graph (measured: ``budget-0.2`` ran ``budget-0.5``'s graph, a ``budget`` run after the
-    default compile ran the default graph). More cache entries per code object need a higher limit.
-    """
-    import torch
-
-    cls = type(model)
-    model.__class__ = type(f"{cls.__name__}_{method.replace('-', '_').replace('.', '_')}", (cls,), {})
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
-    return model
 
 
 def make_model(kind: str, hidden: int, layers: int, seq: int, vocab: int):

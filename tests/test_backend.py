@@ -507,6 +507,18 @@ def test_dynamic_shapes_no_extra_recompiles(dynamic):
     assert len({r.graph for r in velora_fx.report(dynamic.model)}) == dynamic.backend.calls
 
 
+def _assert_same_next_step(dynamic, compiled, fresh, x):
+    """One more step of the trained model and of the resumed ``fresh`` one: bit-identical loss, grads and v."""
+    for p in list(fresh.parameters()) + list(dynamic.model.parameters()):
+        p.grad = None
+    loss_a, _ = saved_bytes_step(dynamic.compiled, x)
+    loss_b, _ = saved_bytes_step(compiled, x)
+    assert torch.equal(loss_a, loss_b)
+    ga, gb = grads(dynamic.model), grads(fresh)
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+    assert all(torch.equal(a, b) for a, b in zip(v_buffers(dynamic.model).values(), v_buffers(fresh).values()))
+
+
 def test_state_dict_round_trip_gives_the_same_next_step(dynamic):
     torch.manual_seed(4)
     x1, x2 = torch.randn(2, 7, 32), torch.randn(2, 11, 32)
@@ -520,14 +532,7 @@ def test_state_dict_round_trip_gives_the_same_next_step(dynamic):
     compiled(x1).sum()  # ... a training call does (and calibrates on x1)
     assert not torch.equal(v_buffers(fresh)["fc2.weight" + V_SUFFIX], state["fc2.weight" + V_SUFFIX])
     fresh.load_state_dict(state)
-    for p in list(fresh.parameters()) + list(dynamic.model.parameters()):
-        p.grad = None
-    loss_a, _ = saved_bytes_step(dynamic.compiled, x2)
-    loss_b, _ = saved_bytes_step(compiled, x2)
-    assert torch.equal(loss_a, loss_b)
-    ga, gb = grads(dynamic.model), grads(fresh)
-    assert all(torch.equal(ga[n], gb[n]) for n in ga)
-    assert all(torch.equal(a, b) for a, b in zip(v_buffers(dynamic.model).values(), v_buffers(fresh).values()))
+    _assert_same_next_step(dynamic, compiled, fresh, x2)
 
 
 def test_resume_into_a_fresh_model_before_its_first_call(dynamic):
@@ -539,14 +544,7 @@ def test_resume_into_a_fresh_model_before_its_first_call(dynamic):
     with pytest.raises(RuntimeError, match="Unexpected key.*_velora_v"):
         fresh.load_state_dict(state)  # a plain load cannot know the buffers yet
     velora_fx.load_state_dict(compiled, state)
-    for p in list(fresh.parameters()) + list(dynamic.model.parameters()):
-        p.grad = None
-    loss_a, _ = saved_bytes_step(dynamic.compiled, x)
-    loss_b, _ = saved_bytes_step(compiled, x)
-    assert torch.equal(loss_a, loss_b)
-    ga, gb = grads(dynamic.model), grads(fresh)
-    assert all(torch.equal(ga[n], gb[n]) for n in ga)
-    assert all(torch.equal(a, b) for a, b in zip(v_buffers(dynamic.model).values(), v_buffers(fresh).values()))
+    _assert_same_next_step(dynamic, compiled, fresh, x)
 
 
 def test_inference_graph_is_the_default_one(dynamic):
