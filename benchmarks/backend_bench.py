@@ -32,7 +32,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import velora_fx  # noqa: E402
-from benchmarks.measure import interleaved_medians, saved_bytes  # noqa: E402
+from benchmarks.measure import import_compiler, interleaved_medians, saved_bytes  # noqa: E402
 from tests.backend_models import LlamaStack  # noqa: E402
 
 
@@ -63,6 +63,7 @@ def _step(compiled, model, x):
 
 def compile_once(which: str, args) -> float:
     """Seconds of the first training step minus the median of the next ones (this process, cold cache)."""
+    import_compiler()
     model = _model(args)
     compiled = _compiled(model, which, args)
     x = _batch(args)

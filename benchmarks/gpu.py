@@ -271,6 +271,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from benchmarks.measure import import_compiler
+
+    import_compiler()  # not inside the first compiled method's compile time
+
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
               "use benchmarks/peers.py on a CPU, or --dry-run to check this script.", file=sys.stderr)  # fmt: skip

@@ -10,6 +10,17 @@ import torch
 from torch import nn
 
 
+def import_compiler() -> None:
+    """Import Inductor's ``compile_fx`` now, so that no compile time below includes importing it.
+
+    ``torch.compile(model)`` (the default backend) imports it when called: outside the
+    timed first step. A callable backend such as ``velora_fx.backend`` imports it in
+    its first compile: inside it. Importing it up front, once per process, puts the
+    two on the same footing (~2–4 s on this machine).
+    """
+    import torch._inductor.compile_fx  # noqa: F401
+
+
 def saved_bytes(step_forward: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
     """Bytes of the distinct non-parameter storages autograd keeps for backward while ``step_forward()`` runs.
 

@@ -84,7 +84,10 @@ def reference_for(method: str) -> str:
 def _torch_setup():
     import torch
 
+    from benchmarks.measure import import_compiler
+
     torch.set_num_threads(1)
+    import_compiler()
     return torch
 
 
