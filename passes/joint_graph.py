@@ -93,6 +93,10 @@ class ParamSlot:
     ``primal`` and ``v_primal`` are positions among the graph's inputs (the
     joint graph's ``primals_*`` in order). ``v_primal is None`` means the
     parameter has no ``v`` (``reason`` says why); its sites stay exact.
+    ``shares`` names the parameter whose ``v`` this one uses (same
+    ``v_primal``) when both read the same input: see NOTE [one v per input]
+    in ``velora_fx/compile_backend.py``; their sites on that input then keep
+    one ``p``.
     """
 
     primal: int
@@ -102,6 +106,7 @@ class ParamSlot:
     sub_token_size: Optional[int] = None
     refreshed: bool = False
     reason: str = ""
+    shares: str = ""
 
 
 @dataclass(frozen=True)
@@ -368,6 +373,7 @@ def plan_joint_graph(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConfi
     # 3. records: the stored tensor's bytes are counted once, on its first site
     planned: list[PlannedSite] = []
     counted: set[torch.fx.Node] = set()
+    projected: set[tuple[torch.fx.Node, Optional[int]]] = set()  # one p per (X, v)
     for site in sites:
         x = site["x"]
         compressed = x in groups
@@ -380,14 +386,19 @@ def plan_joint_graph(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConfi
         dtype = _val(x).dtype
         d = spec.slots[site["slot"]].sub_token_size if compressed else None
         before, after = kept_bytes(shape, dtype, d)
+        v_key = (x, spec.slots[site["slot"]].v_primal)
         if x in counted:
-            before, after = 0, (after if compressed else 0)
+            before, after = 0, (after if compressed and v_key not in projected else 0)
         elif compressed:
             before = kept_bytes(shape, dtype, None)[0]
         counted.add(x)
+        if compressed:
+            projected.add(v_key)
         if compressed and len(by_x[x]) > 1:
             others = sorted({s["fqn"] for s in by_x[x] if s is not site})
             reason = f"compressed; input shared with {', '.join(others)} (its bytes counted on the first site)"
+            if spec.slots[site["slot"]].shares:
+                reason += f"; v and p shared with {spec.slots[site['slot']].shares}"
         record = SiteRecord(
             graph=spec.name,
             node=site["node"].name,
@@ -475,33 +486,65 @@ def _dims(build: _Builder, node: torch.fx.Node, upto: int) -> list[Any]:
     return out
 
 
-def _scaled_v(b: _Builder, v: torch.fx.Node, dtype: torch.dtype, scale: float = 1.0) -> torch.fx.Node:
-    """``scale · v`` in ``dtype`` (``v`` is a float32 graph input)."""
-    vv = v if _val(v).dtype == dtype else b(prims.convert_element_type.default, v, dtype)
-    return vv if scale == 1.0 else b(aten.mul.Tensor, vv, scale)
+def _cast(b: _Builder, node: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
+    return node if _val(node).dtype == dtype else b(prims.convert_element_type.default, node, dtype)
 
 
-def _project(graph, x, v, d, site) -> torch.fx.Node:
-    """``p = (pad(x).view(..., n, d) * v).sum(-1)``, inserted before ``site``: shape ``(*x.shape[:-1], n)``."""
+def _scaled(b: _Builder, node: torch.fx.Node, scale: float) -> torch.fx.Node:
+    return node if scale == 1.0 else b(aten.mul.Tensor, node, scale)
+
+
+# Every VeLoRA quantity below is one ``aten.mm`` with ``v`` as a column or a row:
+# an extern kernel, nothing for Inductor to generate (when ``d`` divides ``D``:
+# else the last sub-token is padded / cut, one small kernel). With
+# ``X`` of shape ``(N, D)`` seen as ``N·n`` sub-tokens of ``d``:
+#
+#   p  = (X.view(N·n, d) @ v.view(d, 1)).view(N, n)         a matrix-vector product
+#   x̂  = (p.view(N·n, 1) @ v.view(1, d)).view(N, D)         an outer product (K = 1)
+#   dŴ = ((G p).view(out·n, 1) @ v.view(1, d)).view(out, D)  Gᵀ p first: N × n, not N × D
+
+
+def _sub_token_rows(b: _Builder, x: torch.fx.Node, d: int) -> torch.fx.Node:
+    """``x`` of shape ``(..., D)`` as ``(N·n, d)`` sub-token rows (padded to ``n·d``; copied when its strides
+    do not allow the view)."""
     features = int(_val(x).shape[-1])
     n = -(-features // d)
+    if n * d != features:
+        x = b(aten.constant_pad_nd.default, x, [0, n * d - features], 0.0)
+    try:
+        _val(x).view(-1, d)
+    except (RuntimeError, ValueError):  # e.g. a strided slice (a [CLS] token): copy it (transient, forward only)
+        x = b(aten.clone.default, x, memory_format=torch.contiguous_format)
+    return b(aten.view.default, x, [-1, d])
+
+
+def _spread(b: _Builder, q: torch.fx.Node, v: torch.fx.Node, features: int) -> torch.fx.Node:
+    """``q`` of shape ``(R, n)`` spread over sub-tokens: ``(R, D)`` with ``q[r, j] · v`` at columns ``j·d …``."""
+    d = int(_val(v).shape[0])
+    n = int(_val(q).shape[-1])
+    col = b(aten.view.default, q, [-1, 1])
+    flat = b(aten.view.default, b(aten.mm.default, col, b(aten.view.default, v, [1, d])), [-1, n * d])
+    return flat if n * d == features else b(aten.slice.Tensor, flat, 1, 0, features)
+
+
+def _project(graph, x, v, site) -> torch.fx.Node:
+    """``p`` of shape ``(N, n)`` (rows of ``X``, one column per sub-token), inserted before ``site``."""
+    features = int(_val(x).shape[-1])
+    d = int(_val(v).shape[0])
     with graph.inserting_before(site):
         b = _Builder(graph, site, "project")
-        vv = _scaled_v(b, v, _val(x).dtype)
-        xp = x if n * d == features else b(aten.constant_pad_nd.default, x, [0, n * d - features], 0.0)
-        z = b(aten.view.default, xp, [*_dims(b, x, _val(x).dim() - 1), n, d])
-        return b(aten.sum.dim_IntList, b(aten.mul.Tensor, z, vv), [-1])
+        vv = _cast(b, v, _val(x).dtype)
+        col = b(aten.mm.default, _sub_token_rows(b, x, d), b(aten.view.default, vv, [d, 1]))
+        return b(aten.view.default, col, [-1, -(-features // d)])
 
 
-def _reconstruct(graph, p, v, features, d, scale, before) -> torch.fx.Node:
-    """``x̂ = scale · (p[..., None] * v).view(..., n * d)[..., :D]``, inserted before ``before``."""
-    n = -(-features // d)
+def _reconstruct(graph, x, p, v, scale, before) -> torch.fx.Node:
+    """``x̂ = scale · p ⊗ v`` blockwise, in the shape of ``x``, inserted before ``before``."""
+    features = int(_val(x).shape[-1])
     with graph.inserting_before(before):
         b = _Builder(graph, before, "reconstruct")
-        vv = _scaled_v(b, v, _val(p).dtype, scale)
-        lead = _dims(b, p, _val(p).dim() - 1)
-        flat = b(aten.view.default, b(aten.mul.Tensor, b(aten.unsqueeze.default, p, -1), vv), [*lead, n * d])
-        return flat if n * d == features else b(aten.slice.Tensor, flat, -1, 0, features)
+        x_hat = _spread(b, _scaled(b, p, scale), _cast(b, v, _val(p).dtype), features)
+        return b(aten.view.default, x_hat, [*_dims(b, x, _val(x).dim() - 1), features])
 
 
 _ROW_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default}
@@ -526,12 +569,12 @@ def _as_rows(x: torch.fx.Node, chain: list[torch.fx.Node]) -> Optional[bool]:
     return transposed
 
 
-def _weight_grad_from_p(graph, consumer, reads, chain, x, p, v, d, scale) -> Optional[torch.fx.Node]:
+def _weight_grad_from_p(graph, consumer, reads, chain, x, p, v, scale) -> Optional[torch.fx.Node]:
     """``dŴ`` of a weight-gradient ``mm`` computed from ``p`` without rebuilding ``x̂``, or ``None`` if its form is not
     one of ``mm(G, X.view(N, D))`` / ``mm(X.view(N, D).t(), G)``.
 
-    See NOTE [VeLoRA weight gradient] in ``velora_fx/ops.py``: ``(gᵀ p)[..., None] * v`` blockwise, an
-    ``N × n`` contraction instead of ``N × D``.
+    See NOTE [VeLoRA weight gradient] in ``velora_fx/ops.py``: ``(Gᵀ p) ⊗ v`` blockwise, an ``N × n``
+    contraction instead of ``N × D``.
     """
     if consumer.target is not aten.mm.default:
         return None
@@ -539,23 +582,18 @@ def _weight_grad_from_p(graph, consumer, reads, chain, x, p, v, d, scale) -> Opt
     if transposed is None or consumer.args[1 if not transposed else 0] is not reads:
         return None
     features = int(_val(x).shape[-1])
-    n = -(-features // d)
     with graph.inserting_before(consumer):
         b = _Builder(graph, consumer, "weight_gradient")
-        vv = _scaled_v(b, v, _val(p).dtype, scale)
-        rows = _dims(b, reads, 2)[1 if transposed else 0]
-        p2d = b(aten.view.default, p, [rows, n])
-        if not transposed:  # mm(G (out, N), X2d (N, D)) -> (out, D)
-            gp = b(aten.mm.default, consumer.args[0], p2d)  # (out, n)
-            out = _dims(b, gp, 1)[0]
-            blocks = b(aten.mul.Tensor, b(aten.unsqueeze.default, gp, -1), vv)  # (out, n, d)
-            dw = b(aten.view.default, blocks, [out, n * d])
-            return dw if n * d == features else b(aten.slice.Tensor, dw, 1, 0, features)
-        pg = b(aten.mm.default, b(aten.permute.default, p2d, [1, 0]), consumer.args[1])  # (n, out)
-        out = _dims(b, pg, 2)[1]
-        blocks = b(aten.mul.Tensor, b(aten.unsqueeze.default, pg, 1), b(aten.unsqueeze.default, vv, -1))  # (n, d, out)
-        dw = b(aten.view.default, blocks, [n * d, out])
-        return dw if n * d == features else b(aten.slice.Tensor, dw, 0, 0, features)
+        vv = _cast(b, v, _val(p).dtype)
+        rows = _val(reads).shape[1 if transposed else 0]
+        n_rows = _val(p).shape[0]
+        static = not ti.is_symbolic(rows) and not ti.is_symbolic(n_rows)
+        p2d = p
+        if rows is not n_rows and not (static and int(rows) == int(n_rows)):  # sizes spelled differently
+            p2d = b(aten.view.default, p, [_dims(b, reads, 2)[1 if transposed else 0], _val(p).shape[1]])
+        g = consumer.args[0] if not transposed else b(aten.permute.default, consumer.args[1], [1, 0])  # (out, N)
+        dw = _spread(b, _scaled(b, b(aten.mm.default, g, p2d), scale), vv, features)  # (out, D)
+        return dw if not transposed else b(aten.permute.default, dw, [1, 0])
 
 
 def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, config: VeloraConfig) -> bool:
@@ -570,20 +608,30 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, co
         changed = True
     order = {n: i for i, n in enumerate(graph.nodes)}
     for x, group in plan.groups.items():
+        first_site_of: dict[int, torch.fx.Node] = {}  # per v input: the first site of every slot using it
+        for k, (fw_sites, _) in group.items():
+            first = min(fw_sites, key=order.__getitem__)
+            v_primal = spec.slots[k].v_primal
+            if v_primal not in first_site_of or order[first] < order[first_site_of[v_primal]]:
+                first_site_of[v_primal] = first
+        projections: dict[torch.fx.Node, torch.fx.Node] = {}  # v -> p: weights sharing v share p
         for k, (fw_sites, consumers) in group.items():
             slot = spec.slots[k]
             v = direction.get(slot.primal) if slot.refreshed else primals[slot.v_primal]
+            if slot.refreshed and slot.shares:  # the direction computed for the weight it shares v with
+                v = next((direction.get(s.primal) for s in spec.slots if s.fqn == slot.shares), None)
             if v is None:
                 log.warning("velora_fx: no direction marker for %s; its sites stay exact", slot.fqn)
                 continue
-            first_site = min(fw_sites, key=order.__getitem__)
-            p = _project(graph, x, v, slot.sub_token_size, first_site)
+            if v not in projections:
+                projections[v] = _project(graph, x, v, first_site_of[slot.v_primal])
+            p = projections[v]
             for site in fw_sites:
                 site.meta[META_KEY] = {"site": slot.fqn}
             x_hat = None  # rebuilt only for weight gradients that cannot be served from p directly
             for consumer, chain in sorted(consumers, key=lambda c: order[c[0]]):
                 reads = chain[-1] if chain else x
-                dw = _weight_grad_from_p(graph, consumer, reads, chain, x, p, v, slot.sub_token_size, config.scale)
+                dw = _weight_grad_from_p(graph, consumer, reads, chain, x, p, v, config.scale)
                 if dw is not None:
                     dw.meta[META_KEY] = {"weight_gradient": slot.fqn}
                     consumer.replace_all_uses_with(dw)
@@ -593,7 +641,7 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, co
                             graph.erase_node(dead)
                     continue
                 if x_hat is None:
-                    x_hat = _reconstruct(graph, p, v, int(_val(x).shape[-1]), slot.sub_token_size, config.scale, consumer)
+                    x_hat = _reconstruct(graph, x, p, v, config.scale, consumer)
                 y = x_hat
                 with graph.inserting_before(consumer):
                     b = _Builder(graph, consumer, "reconstruct")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import types
 
 import pytest
@@ -72,7 +73,7 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def v_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith(V_SUFFIX)}
+    return {n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(V_SUFFIX)}
 
 
 def capture_linears(model: nn.Module):
@@ -249,6 +250,9 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
     for x in xs:  # only the inserted projection reads X outside the forward; no weight gradient does
         others = [u for u, _ in jg._backward_uses(x, fw) if u.meta.get(jg.META_KEY, {}).get("role") != "project"]
         assert others == [], x.format_node()
+    # one p per stored tensor: the weights reading it share v (NOTE [one v per input])
+    projections_mm = [n for n in projections if n.target is torch.ops.aten.mm.default]
+    assert len(projections_mm) == len(xs)
     dws = [n for n in g.after.nodes if "weight_gradient" in n.meta.get(jg.META_KEY, {})]
     assert len(dws) == 12
     for dw in dws:  # each is computed from p (the projection), never from X
@@ -256,7 +260,7 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
         while stack_:
             n = stack_.pop()
             role = n.meta.get(jg.META_KEY, {}).get("role")
-            if role == "project" and n.target is torch.ops.aten.sum.dim_IntList:
+            if role == "project" and n.target is torch.ops.aten.mm.default:  # p = X_rows @ v
                 sources.add(n)
             elif role in ("weight_gradient", "project"):
                 stack_.extend(n.all_input_nodes)
@@ -266,6 +270,55 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
     # the pass is idempotent: planning the rewritten graph finds nothing more to do
     again = jg.plan_joint_graph(g.after, g.spec, STACK_CFG)
     assert not again.groups
+
+
+def test_checkpoint_whose_shared_v_differ_warns_and_uses_the_first(stack, caplog):
+    """q/k/v share one v (NOTE [one v per input]); a checkpoint where k's differs is loaded, warned about, and
+    k then uses q's v: its buffer is q's tensor, and its dW is the formula with that v."""
+    leader, follower = (f"layers.0.self_attn.{n}_proj.weight{V_SUFFIX}" for n in ("q", "k"))
+    state = copy.deepcopy(stack.model.state_dict())
+    assert torch.equal(state[leader], state[follower])
+    state[follower] = -state[follower]
+    fresh = copy.deepcopy(stack.initial)
+    compiled = torch.compile(fresh, backend=velora_fx.make_backend(STACK_CFG))
+    velora_fx.load_state_dict(compiled, state)
+    with caplog.at_level(logging.WARNING, logger="velora_fx"):
+        compiled(stack.x).float().pow(2).mean().backward()
+    assert f"{follower} differs from {leader}" in caplog.text
+    buffers = dict(fresh.named_buffers(remove_duplicate=False))
+    assert buffers[follower] is buffers[leader] and torch.equal(buffers[leader], state[leader])
+
+
+@pytest.mark.parametrize("init", ["batch_average_once", "ema", "random"])
+def test_weights_reading_one_input_share_one_v(init):
+    """q/k/v (and gate/up) read one input: one v for them unless init="random" (seeded per weight name);
+    every compressed dW is the VeLoRA formula with that weight's own buffer, step after step."""
+    torch.manual_seed(7)
+    cfg = VeloraConfig(num_groups=4, init=init, ema_decay=0.5)
+    model = LlamaStack(blocks=1, dim=32, heads=2, hidden=48)
+    eager = copy.deepcopy(model)
+    seen, _ = capture_linears(eager)
+    compiled = torch.compile(model, backend=velora_fx.make_backend(cfg))
+    for step in range(2):
+        x = torch.randn(2, 8, 32) + step
+        for p in list(model.parameters()) + list(eager.parameters()):
+            p.grad = None
+        saved_bytes_step(compiled, x)
+        saved_bytes_step(eager, x)
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    assert set(buffers) == set(model.state_dict()) - {n for n, _ in model.named_parameters()}
+    for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+        vs = [buffers[f"layers.0.{name}.weight{V_SUFFIX}"] for name in group]
+        if init == "random":
+            assert len({id(v) for v in vs}) == len(vs) and not torch.equal(vs[0], vs[1])
+        else:
+            assert all(v is vs[0] for v in vs)
+    compressed = velora_fx.report(model).compressed
+    assert len(compressed) == 6
+    for r in compressed:
+        module = r.weight.rsplit(".", 1)[0]
+        want = velora_dw(seen[module]["x"], seen[module]["g"], buffers[r.weight + V_SUFFIX], 1.0)
+        assert_close(model.get_parameter(r.weight).grad, want, r.weight)
 
 
 # -- the plan, on the captured joint graph, for many configs (no compile) ---------------------

@@ -69,7 +69,7 @@ def _batch():
 
 
 def _v(model):
-    return {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith(V_SUFFIX)}
+    return {n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(V_SUFFIX)}
 
 
 def _worker(rank: int, port: int, out: str) -> None:

@@ -331,6 +331,7 @@ class VeloraBackend:
                 "(calibrated once from the global first batch) or init='random' (seeded, the same on every rank)"
             )
         n_in = len(placeholders)
+        leaders: dict[tuple[str, ...], ParamSlot] = {}  # see NOTE [one v per input]
         for (i, node, param), owner, use in zip(params, owners, uses):
             fqn = owner.fqn if owner is not None else _source_fqn(ti.placeholder_source(node))
             reason = cfg.why_excluded(fqn) or use.reason
@@ -340,9 +341,15 @@ class VeloraBackend:
             if reason:
                 slots.append(ParamSlot(primal=i, fqn=fqn, reason=reason, features=use.features))
                 continue
+            key = tuple(sorted({inp.name for _, inp in use.uses}))
+            leader = leaders.get(key) if cfg.init != "random" else None
+            if leader is not None and leader.sub_token_size == d:
+                slots.append(ParamSlot(i, fqn, leader.v_primal, use.features, d, refreshed, shares=leader.fqn))
+                continue
             v_index = n_in + len(new_inputs)
             new_inputs.append((f"velora_v_{len(new_inputs)}", torch.zeros(d, dtype=torch.float32, device=param.device)))
             slots.append(ParamSlot(i, fqn, v_index, use.features, d, refreshed))
+            leaders.setdefault(key, slots[-1])
         new_gm, v_nodes, new_examples = ti.copy_graph_module_with_inputs(gm, new_inputs, example_inputs)
         n_refresh = _insert_refresh(new_gm, slots, uses, v_nodes, cfg) if refreshed else 0
         spec = GraphSpec(name, n_in + len(new_inputs), tuple(slots))
@@ -378,6 +385,21 @@ class VeloraBackend:
         """Called by ``torch._dynamo.reset()``; nothing to drop (``v`` lives on the models)."""
 
 
+# NOTE [one v per input]
+# Weights that read the same input (q/k/v of one attention, gate/up of one
+# SwiGLU) calibrate the same v under every init but "random": v is the
+# normalised mean sub-token of that input, and batch_average / ema refresh it
+# from that input too. So they use one v (the first weight's: the others'
+# ParamSlot.shares names it), and the joint-graph pass keeps one p for all of
+# them instead of one per weight: for q/k/v, a third of the bytes of p and of
+# the projection work. Each weight still has its `<param>_velora_v` buffer in
+# the state_dict: the followers' buffers are the leader's tensor (the same
+# storage, saved once by torch.save), so the dW of every weight is the VeLoRA
+# formula with its own buffer. A checkpoint whose followers hold a different v
+# than their leader (written by other code) is warned about, and the leader's
+# v is used. init="random" seeds v per weight name: nothing is shared.
+
+
 def _insert_refresh(gm, slots, uses, v_nodes, cfg) -> int:
     """Under ``batch_average`` / ``ema``: compute this step's ``v`` in the graph, marked, and return it too."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -387,7 +409,7 @@ def _insert_refresh(gm, slots, uses, v_nodes, cfg) -> int:
     decay = cfg.ema_decay if cfg.init == "ema" else None
     k = 0
     for slot in slots:
-        if slot.v_primal is None:
+        if slot.v_primal is None or slot.shares:
             continue
         v_node = v_nodes[k]
         k += 1
@@ -457,9 +479,14 @@ class _VeloraCompiledGraph:
         self.cfg = cfg
         self.sites: Optional[list[PlannedSite]] = sites
         self.n_refresh = n_refresh
-        self.v_slots = [k for k, s in enumerate(spec.slots) if s.v_primal is not None]
+        self.v_slots = [k for k, s in enumerate(spec.slots) if s.v_primal is not None and not s.shares]
+        by_fqn = {s.fqn: k for k, s in enumerate(spec.slots)}
+        self.followers: dict[int, list[int]] = {k: [] for k in self.v_slots}
+        for f, s in enumerate(spec.slots):
+            if s.shares:
+                self.followers[by_fqn[s.shares]].append(f)
         used = None if sites is None else {s.slot for s in sites if s.record.status == COMPRESSED}
-        self.used = [used is None or k in used for k in self.v_slots]
+        self.used = [used is None or any(j in used for j in (k, *self.followers[k])) for k in self.v_slots]
         self.uses = {u.index: u for u in uses}
         self.bindings: dict[int, _Binding] = {}
         self.dummies: dict[int, torch.Tensor] = {}
@@ -539,7 +566,33 @@ class _VeloraCompiledGraph:
             private = self._new_v(slot, fqn, param.device)
         binding = _Binding(param, owner, name, private, fqn)
         self.bindings[id(param)] = binding
+        if owner is not None:
+            for f in self.followers[k]:
+                self._alias_follower(args, f, binding)
         return binding
+
+    def _alias_follower(self, args: list, f: int, leader: _Binding) -> None:
+        """Make the ``v`` buffer of follower slot ``f`` the leader's tensor (NOTE [one v per input])."""
+        (owner,) = _find_owners([args[self.spec.slots[f].primal]])
+        if owner is None:
+            return
+        name, v = f"{owner.leaf}{V_SUFFIX}", leader.v()
+        existing = owner.owner._buffers.get(name)
+        if existing is v:
+            return
+        if existing is not None and (existing.shape != v.shape or not torch.equal(existing.to(v.device), v)):
+            log.warning(
+                "velora_fx: %s%s differs from %s%s, whose input it shares; both weights use the latter "
+                "(one v per input)",
+                owner.fqn,
+                V_SUFFIX,
+                leader.fqn,
+                V_SUFFIX,
+            )
+        if existing is None:
+            owner.owner.register_buffer(name, v, persistent=True)
+        else:
+            owner.owner._buffers[name] = v
 
     def _new_v(self, slot: ParamSlot, fqn: str, device) -> torch.Tensor:
         if self.cfg.init == "random":
