@@ -64,8 +64,10 @@ PAPER_POLICY = {
     "llama": dict(include=("*.v_proj.weight", "*.down_proj.weight")),
     # GPT-2 fuses q, k, v into one Conv1D ``c_attn`` (one input): the value projection cannot be taken alone.
     "gpt2": dict(include=("*.attn.c_attn.weight", "*.mlp.c_proj.weight")),
-    # "*.layer.*.output.dense" also matches "attention.output.dense" (fnmatch's * crosses dots): exclude it.
-    "vit": dict(include=("*.attention.attention.value.weight", "*.output.dense.weight"),
+    # transformers >= 5 names them attention.v_proj / mlp.fc2; older releases attention.attention.value and
+    # output.dense, whose pattern also matches "attention.output.dense" (fnmatch's * crosses dots): excluded.
+    "vit": dict(include=("*.attention.v_proj.weight", "*.mlp.fc2.weight",
+                         "*.attention.attention.value.weight", "*.output.dense.weight"),
                 exclude=("*.attention.output.dense.weight",)),
 }  # fmt: skip
 
