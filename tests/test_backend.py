@@ -326,6 +326,33 @@ def test_weights_reading_one_input_share_one_v(init):
         assert_close(model.get_parameter(r.weight).grad, want, r.weight)
 
 
+class _ReadsFirstUsesLast(nn.Module):
+    """``q``'s weight is read first (so Dynamo lifts it first: it leads the shared v) but multiplied last."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        wq = self.q.weight
+        return (torch.nn.functional.linear(x, self.k.weight) * torch.nn.functional.linear(x, wq)).sum(-1)
+
+
+def test_refreshed_shared_v_is_computed_before_the_first_matmul_of_its_group():
+    torch.manual_seed(8)
+    model = _ReadsFirstUsesLast()
+    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4, init="ema")))
+    x = torch.randn(2, 8, 32)
+    saved_bytes_step(compiled, x)
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    assert buffers["k.weight" + V_SUFFIX] is buffers["q.weight" + V_SUFFIX]
+    ys = {name: torch.nn.functional.linear(x, getattr(model, name).weight.detach()).requires_grad_() for name in "qk"}
+    (ys["k"] * ys["q"]).sum(-1).pow(2).mean().backward()  # saved_bytes_step's loss, on the outputs: g of each
+    for name in "qk":
+        want = velora_dw(x, ys[name].grad, buffers[f"{name}.weight{V_SUFFIX}"], 1.0)
+        assert_close(getattr(model, name).weight.grad, want, name)
+
+
 # -- the plan, on the captured joint graph, for many configs (no compile) ---------------------
 
 

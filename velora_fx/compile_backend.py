@@ -407,13 +407,16 @@ def _insert_refresh(gm, slots, uses, v_nodes, cfg) -> int:
     output = gm.graph.output_node()
     extra = []
     decay = cfg.ema_decay if cfg.init == "ema" else None
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     k = 0
     for slot in slots:
         if slot.v_primal is None or slot.shares:
             continue
         v_node = v_nodes[k]
         k += 1
-        first, inp = use_of[slot.primal].uses[0]
+        # before the first matmul of this weight and of those sharing its v (NOTE [one v per input]): one input
+        group = [use_of[s.primal].uses[0] for s in slots if s.primal == slot.primal or s.shares == slot.fqn]
+        first, inp = min(group, key=lambda u: order[u[0].name])
         with gm.graph.inserting_before(by_name[first.name]):
             v_t = gm.graph.call_function(refreshed_direction, (v_node, by_name[inp.name], decay))
             marked = gm.graph.call_function(DIRECTION_OP, (v_t, slot.primal))
