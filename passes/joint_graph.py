@@ -64,14 +64,15 @@ META_KEY = "velora_fx_joint"
 # Under init="batch_average" / "ema" the backend computes ``v_t`` for this step
 # inside the Dynamo graph and wraps it in this op (also returned as an extra
 # output, so the runtime wrapper can write it into the buffer). The pass finds
-# the op by its ``slot`` argument, uses its input as the direction of that
-# weight's sites, and removes it. Should the pass not run, Inductor falls back
+# the op by its ``slot`` argument (the position of the ``v`` input it replaces,
+# shared by every weight using that ``v``), uses its input as the direction of
+# those weights' sites, and removes it. Should the pass not run, Inductor falls back
 # to the eager kernel: a copy, still correct.
 
 
 @torch.library.custom_op("velora_fx::direction", mutates_args=())
 def _direction(v: torch.Tensor, slot: int) -> torch.Tensor:
-    """Marks ``v`` as the projection direction of parameter slot ``slot`` (a copy)."""
+    """Marks ``v`` as this step's value of the direction input at position ``slot`` (a copy)."""
     return v.clone()
 
 
@@ -625,9 +626,7 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, co
         projections: dict[torch.fx.Node, torch.fx.Node] = {}  # v -> p: weights sharing v share p
         for k, (fw_sites, consumers) in group.items():
             slot = spec.slots[k]
-            v = direction.get(slot.primal) if slot.refreshed else primals[slot.v_primal]
-            if slot.refreshed and slot.shares:  # the direction computed for the weight it shares v with
-                v = next((direction.get(s.primal) for s in spec.slots if s.fqn == slot.shares), None)
+            v = direction.get(slot.v_primal) if slot.refreshed else primals[slot.v_primal]
             if v is None:
                 log.warning("velora_fx: no direction marker for %s; its sites stay exact", slot.fqn)
                 continue

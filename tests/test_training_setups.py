@@ -188,16 +188,11 @@ def test_activation_checkpointing_inside_compiled_model():
 # -- gradient accumulation + AdamW + train/eval + no_grad, one trajectory --------------------------------
 
 
-class StepMLP(nn.Module):
+class StepMLP(TinyMLP):
     """TinyMLP with a forward of its own: its Dynamo cache is not shared with the many TinyMLP compiles of the suite."""
 
-    def __init__(self, dim: int = 32, hidden: int = 48):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)) * 2.0)
+        return super().forward(x)
 
 
 @pytest.fixture(scope="module")

@@ -419,7 +419,7 @@ def _insert_refresh(gm, slots, uses, v_nodes, cfg) -> int:
         first, inp = min(group, key=lambda u: order[u[0].name])
         with gm.graph.inserting_before(by_name[first.name]):
             v_t = gm.graph.call_function(refreshed_direction, (v_node, by_name[inp.name], decay))
-            marked = gm.graph.call_function(DIRECTION_OP, (v_t, slot.primal))
+            marked = gm.graph.call_function(DIRECTION_OP, (v_t, slot.v_primal))
         extra.append(marked)
     outs = output.args[0]
     output.args = (tuple(outs) + tuple(extra),) if isinstance(outs, (tuple, list)) else ((outs, *extra),)
@@ -460,6 +460,27 @@ class _Binding:
 
     def v(self) -> torch.Tensor:
         return self.owner._buffers[self.name] if self.owner is not None else self.private
+
+
+def _alias_follower(owner: _Owner, leader: _Binding) -> None:
+    """Make the ``v`` buffer of a weight reading the same input as ``leader``'s weight the leader's tensor
+    (NOTE [one v per input])."""
+    name, v = f"{owner.leaf}{V_SUFFIX}", leader.v()
+    existing = owner.owner._buffers.get(name)
+    if existing is v:
+        return
+    if existing is not None and (existing.shape != v.shape or not torch.equal(existing.to(v.device), v)):
+        log.warning(
+            "velora_fx: %s%s differs from %s%s, whose input it shares; both weights use the latter (one v per input)",
+            owner.fqn,
+            V_SUFFIX,
+            leader.fqn,
+            V_SUFFIX,
+        )
+    if existing is None:
+        owner.owner.register_buffer(name, v, persistent=True)
+    else:
+        owner.owner._buffers[name] = v
 
 
 class _VeloraCompiledGraph:
@@ -545,7 +566,7 @@ class _VeloraCompiledGraph:
     def _bind(self, args: list, k: int) -> _Binding:
         slot = self.spec.slots[k]
         param = args[slot.primal]
-        (owner,) = _find_owners([param])
+        owner, *follower_owners = _find_owners([param, *(args[self.spec.slots[f].primal] for f in self.followers[k])])
         name = f"{owner.leaf}{V_SUFFIX}" if owner is not None else ""
         fqn = owner.fqn if owner is not None else slot.fqn
         private = None
@@ -570,33 +591,10 @@ class _VeloraCompiledGraph:
         binding = _Binding(param, owner, name, private, fqn)
         self.bindings[id(param)] = binding
         if owner is not None:
-            for f in self.followers[k]:
-                self._alias_follower(args, f, binding)
+            for follower in follower_owners:
+                if follower is not None:
+                    _alias_follower(follower, binding)
         return binding
-
-    def _alias_follower(self, args: list, f: int, leader: _Binding) -> None:
-        """Make the ``v`` buffer of follower slot ``f`` the leader's tensor (NOTE [one v per input])."""
-        (owner,) = _find_owners([args[self.spec.slots[f].primal]])
-        if owner is None:
-            return
-        name, v = f"{owner.leaf}{V_SUFFIX}", leader.v()
-        existing = owner.owner._buffers.get(name)
-        if existing is v:
-            return
-        if existing is not None and (existing.shape != v.shape or not torch.equal(existing.to(v.device), v)):
-            log.warning(
-                "velora_fx: %s%s differs from %s%s, whose input it shares; both weights use the latter "
-                "(one v per input)",
-                owner.fqn,
-                V_SUFFIX,
-                leader.fqn,
-                V_SUFFIX,
-            )
-        if existing is None:
-            owner.owner.register_buffer(name, v, persistent=True)
-        else:
-            owner.owner._buffers[name] = v
-
     def _new_v(self, slot: ParamSlot, fqn: str, device) -> torch.Tensor:
         if self.cfg.init == "random":
             return random_direction(slot.sub_token_size, self.cfg.seed, fqn).to(device)
