@@ -1,48 +1,50 @@
-"""FX route: rewrite the linear layers of a ``torch.fx.GraphModule`` to keep VeLoRA projections.
+"""FX route: rewrite the linear layers of a ``torch.fx.GraphModule`` to keep projections instead of their inputs.
 
-Runs on graphs at the ``torch.nn`` level (``torch.fx.symbolic_trace``): sites
-are ``call_module`` ``nn.Linear``, ``call_function`` ``F.linear`` and
-``matmul`` / ``@`` / ``mm`` whose right operand is a 2-D parameter, directly
-or transposed (``x @ W``, ``x @ W.t()``, ``x @ W.T``). Each compressed site
-becomes a ``call_module`` of a ``VeloraProjection`` (one per weight, under the
-child ``velora_fx`` of the GraphModule), which keeps only the projections for
-``dW`` during training and is the plain op otherwise.
+Runs on graphs at the torch level (``torch.fx.symbolic_trace``): sites are
+``call_module`` ``nn.Linear`` and the torch-level matmuls of
+``passes/sites.py`` whose weight operand is a 2-D parameter, directly or
+transposed (``F.linear``, ``x @ W``, ``x @ W.t()``, ``addmm(b, x, W)``).
 
-Plan, then apply: ``plan`` decides every candidate (compressed or skipped,
-with the reason) without touching the graph; ``apply`` rewrites. Every node
-decided carries ``node.meta["velora_fx"]`` (a ``SiteRecord``), so a second run
-finds nothing new and reports ``modified=False``.
+Plan, then apply:
+
+* ``plan`` decides every candidate (compressed or skipped, with the reason)
+  without touching the graph. Sites are grouped by their input node: as in
+  the compile backend (NOTE [one basis per input] in ``velora_fx/runtime.py``)
+  the weights reading one input share one basis and keep one ``p``, and the
+  input is compressed only if every site reading it can be (otherwise an
+  exact site keeps it anyway).
+* ``apply`` inserts, per compressed input, ``p = velora_fx.fx.project(state,
+  x, W)`` before its first site, and replaces each site by
+  ``velora_fx.fx.linear(state, x, p, W, b)``; ``state`` is the model's
+  ``ProjectionState`` (``gm.velora_fx``), whose projections it creates.
+
+Every decided node carries ``node.meta[META_KEY]["record"]`` (a
+``SiteRecord``), so a second run finds nothing new and reports
+``modified=False``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from velora_fx.config import VeloraConfig
-from velora_fx.projection import VeloraProjection
+from velora_fx.estimators import for_config
+from velora_fx.passes.sites import META_KEY, is_transpose_2d, torch_site
 from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord
+from velora_fx.state import CONTAINER, ProjectionState
 
-__all__ = ["Site", "plan", "apply", "velora_linear_pass", "CONTAINER", "META_KEY"]
+__all__ = ["Site", "plan", "apply", "velora_linear_pass", "records", "GRAPH_NAME"]
 
 log = logging.getLogger(__name__)
 
-CONTAINER = "velora_fx"  # child module of the GraphModule holding one VeloraProjection per weight
-META_KEY = "velora_fx"  # node.meta key: the SiteRecord of every decided node
 GRAPH_NAME = "fx"
-
-_LINEAR_FNS = (F.linear, torch._C._nn.linear)
-_MATMUL_FNS = (operator.matmul, torch.matmul, torch.mm)
-_TRANSPOSE_FNS = (torch.t, torch.transpose)
 
 
 @dataclass(frozen=True)
@@ -54,43 +56,23 @@ class Site:
     weight_name: str  # qualified parameter name, as in named_parameters()
     weight: torch.Tensor
     weight_node: Optional[fx.Node]  # its get_attr node; None for call_module nn.Linear
-    bias: Any  # argument of the bias (fx.Node / None)
+    bias: Any  # argument of the bias (fx.Node / None), or the qualified name of a module's bias
     weight_is_out_by_in: bool  # W is (out, D) as in nn.Linear; else (D, out)
     dead_after: tuple[fx.Node, ...] = ()  # nodes only this site used (a transpose of W)
     unsupported: Optional[str] = None
 
-
-# -- small predicates -------------------------------------------------------------------------
+    @property
+    def features(self) -> int:
+        return self.weight.shape[1] if self.weight_is_out_by_in else self.weight.shape[0]
 
 
 def _get_attr_param(gm: fx.GraphModule, node: Any) -> Optional[tuple[str, torch.Tensor]]:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     try:
-        value = gm.get_parameter(node.target)
+        return node.target, gm.get_parameter(node.target)
     except AttributeError:
         return None
-    return node.target, value
-
-
-def _is_transpose_2d(node: fx.Node) -> bool:
-    """``W.t()``, ``W.T``, ``W.transpose(0, 1)`` and friends on a 2-D tensor."""
-    if node.op == "call_method" and node.target == "t":
-        return True
-    if node.op == "call_function" and node.target is torch.t:
-        return True
-    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)):
-        return True
-    is_transpose = (node.op == "call_method" and node.target == "transpose") or (
-        node.op == "call_function" and node.target is torch.transpose
-    )
-    return is_transpose and {d % 2 for d in node.args[1:3] if isinstance(d, int)} == {0, 1} and len(node.args) == 3
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _resolve_weight(gm: fx.GraphModule, arg: Any) -> Optional[tuple[fx.Node, str, torch.Tensor, bool, tuple]]:
@@ -98,14 +80,14 @@ def _resolve_weight(gm: fx.GraphModule, arg: Any) -> Optional[tuple[fx.Node, str
     found = _get_attr_param(gm, arg)
     if found is not None:
         return arg, found[0], found[1], False, ()
-    if isinstance(arg, fx.Node) and _is_transpose_2d(arg):
+    if isinstance(arg, fx.Node) and is_transpose_2d(arg):
         found = _get_attr_param(gm, arg.args[0])
         if found is not None:
             return arg.args[0], found[0], found[1], True, ((arg,) if len(arg.users) == 1 else ())
     return None
 
 
-def _candidate(gm: fx.GraphModule, node: fx.Node) -> Optional[Site]:
+def candidate(gm: fx.GraphModule, node: fx.Node) -> Optional[Site]:
     """The site ``node`` is, if it is a matmul of a parameter; else ``None``."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -114,30 +96,23 @@ def _candidate(gm: fx.GraphModule, node: fx.Node) -> Optional[Site]:
         name = f"{node.target}.weight"
         if type(module).forward is not nn.Linear.forward:
             return Site(node, None, name, module.weight, None, None, True,
-                        unsupported=f"{type(module).__qualname__} overrides nn.Linear.forward")
+                        unsupported=f"{type(module).__qualname__} overrides nn.Linear.forward")  # fmt: skip
         bias = None if module.bias is None else f"{node.target}.bias"
         return Site(node, node.args[0], name, module.weight, None, bias, True)
-    if node.op == "call_function" and node.target in _LINEAR_FNS:
-        resolved = _resolve_weight(gm, _arg(node, 1, "weight"))
-        if resolved is None:
-            return None
-        weight_node, name, weight, transposed, dead = resolved
-        return Site(node, _arg(node, 0, "input"), name, weight, weight_node, _arg(node, 2, "bias"),
-                    not transposed, dead_after=dead)
-    is_matmul = (node.op == "call_function" and node.target in _MATMUL_FNS) or (
-        node.op == "call_method" and node.target == "matmul"
-    )
-    if not is_matmul or len(node.args) < 2:
+    site = torch_site(node)
+    if site is None:
         return None
-    lhs, rhs = node.args[0], node.args[1]
-    resolved = _resolve_weight(gm, rhs)
+    if set(node.kwargs) - {"input", "weight", "bias"}:  # addmm(..., beta=, alpha=), out=: not a plain linear
+        return None
+    resolved = _resolve_weight(gm, site.weight)
     if resolved is not None:
         weight_node, name, weight, transposed, dead = resolved
-        return Site(node, lhs, name, weight, weight_node, None, transposed, dead_after=dead)
-    resolved = _resolve_weight(gm, lhs)
+        return Site(node, site.x, name, weight, weight_node, site.bias, site.weight_is_out_by_in != transposed,
+                    dead_after=dead)  # fmt: skip
+    resolved = _resolve_weight(gm, site.x)
     if resolved is not None:
-        return Site(node, rhs, resolved[1], resolved[2], None, None, False,
-                    unsupported="the parameter is the left operand (W @ x)")
+        return Site(node, site.weight, resolved[1], resolved[2], None, None, False,
+                    unsupported="the parameter is the left operand (W @ x)")  # fmt: skip
     return None
 
 
@@ -151,118 +126,138 @@ def _why_skipped(site: Site, config: VeloraConfig) -> Optional[str]:
         return "frozen weight (requires_grad=False): nothing is kept for dW"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    excluded = config.why_excluded(site.weight_name)
-    if excluded:
-        return excluded
-    return config.why_not_splittable(_features(site))
-
-
-def _features(site: Site) -> int:
-    return site.weight.shape[1] if site.weight_is_out_by_in else site.weight.shape[0]
-
-
-def _module_key(weight_name: str, taken: set[str]) -> str:
-    key = re.sub(r"\W", "_", weight_name)
-    candidate, n = key, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{key}_{n}"
-    return candidate
+    return config.why_excluded(site.weight_name) or for_config(config).basis_shape(site.features)[1] or None
 
 
 # -- plan / apply -----------------------------------------------------------------------------
 
 
-def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[tuple[Site, SiteRecord]]:
+@dataclass
+class Decision:
+    site: Site
+    record: SiteRecord
+    leader: Optional[str] = None  # the weight whose basis this site uses (itself when it leads)
+    group: Optional[int] = None  # sites of one input and one leader keep one p
+
+
+def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[Decision]:
     """Every undecided candidate of ``gm`` with its decision; the graph is not changed."""
-    decisions = []
+    sites = []
     for node in gm.graph.nodes:
-        if META_KEY in node.meta:
+        if "record" in node.meta.get(META_KEY, {}):
             continue
-        site = _candidate(gm, node)
-        if site is None:
-            continue
-        reason = _why_skipped(site, config)
-        d = None if reason else config.sub_token_size_for(_features(site))
+        site = candidate(gm, node)
+        if site is not None:
+            sites.append((site, _why_skipped(site, config)))
+    by_input: dict[Any, list[tuple[Site, Optional[str]]]] = {}
+    for site, reason in sites:
+        if isinstance(site.x, fx.Node):
+            by_input.setdefault(site.x, []).append((site, reason))
+    estimator = for_config(config)
+    decisions = []
+    for site, reason in sites:
+        group = by_input.get(site.x, [(site, reason)])
+        if reason is None:
+            # a frozen weight keeps nothing for dW: it does not keep the input either
+            blocker = next(((s, r) for s, r in group if r is not None and s.weight.requires_grad), None)
+            if blocker is not None:
+                reason = f"the input is shared with {blocker[0].weight_name}, which stays exact ({blocker[1]})"
+        leader = None
+        if reason is None:
+            leaders = [s for s, r in group if r is None] if estimator.shares_per_input else [site]
+            leader = leaders[0].weight_name
+        basis_shape = None if reason else estimator.basis_shape(site.features)[0]
+        text = reason
+        if reason is None:
+            n = -(-site.features // basis_shape[0]) * basis_shape[1]
+            text = f"input kept as {n} projections per token"
+            if leader != site.weight_name:
+                text += f"; basis and p shared with {leader}"
         record = SiteRecord(
-            graph=GRAPH_NAME,
-            node=node.name,
-            weight=site.weight_name,
-            status=SKIPPED if reason else COMPRESSED,
-            reason=reason or f"input kept as {-(-_features(site) // d)} projections per token",
-            sub_token_size=d,
-        )
-        decisions.append((site, record))
+            graph=GRAPH_NAME, node=site.node.name, weight=site.weight_name, status=SKIPPED if reason else COMPRESSED,
+            reason=text, sub_token_size=None if basis_shape is None else basis_shape[0],
+        )  # fmt: skip
+        group = None if leader is None else id(site.x) if isinstance(site.x, fx.Node) else id(site)
+        decisions.append(Decision(site, record, leader, None if group is None else hash((group, leader))))
     return decisions
 
 
-def _container(gm: fx.GraphModule) -> nn.Module:
-    if not hasattr(gm, CONTAINER):
-        gm.add_module(CONTAINER, nn.Module())
-    return getattr(gm, CONTAINER)
+def state_of(gm: fx.GraphModule) -> ProjectionState:
+    found = gm._modules.get(CONTAINER)
+    if not isinstance(found, ProjectionState):
+        raise ValueError(f"velora_fx: {type(gm).__name__} has no {CONTAINER!r} state; velora_fx.prepare it first")
+    return found
 
 
-def _check_same_config(gm: fx.GraphModule, config: VeloraConfig) -> None:
-    container = getattr(gm, CONTAINER, None)
-    for name, proj in (container.named_children() if container is not None else ()):
-        if isinstance(proj, VeloraProjection) and proj.config != config:
-            raise ValueError(
-                f"velora_fx.transform: this GraphModule was already transformed with {proj.config} "
-                f"(see {CONTAINER}.{name}); transforming it again with {config} would mix two configs. "
-                "Transform a fresh trace of the model instead."
-            )
-
-
-def apply(gm: fx.GraphModule, decisions: list[tuple[Site, SiteRecord]], config: VeloraConfig) -> bool:
+def apply(gm: fx.GraphModule, decisions: list[Decision], config: VeloraConfig) -> bool:
     """Rewrite the compressed sites of ``decisions``; tag every decided node. Returns whether anything changed."""
+    from velora_fx import fx as runtime  # what the rewritten graph calls
+
     if not decisions:
         return False
-    container = _container(gm)
-    # One projection per weight and feature size (a weight used as both W and W.t() has two).
-    by_weight: dict[tuple[str, int], str] = {
-        (proj.weight_name, proj.features): key
-        for key, proj in container.named_children()
-        if isinstance(proj, VeloraProjection)
-    }
+    state = state_of(gm)
+    estimator = for_config(config)
     graph = gm.graph
-    for planned, record in decisions:
-        node = planned.node
-        site = _candidate(gm, node)  # fresh: earlier rewrites may have replaced its input
-        if record.status != COMPRESSED:
-            node.meta[META_KEY] = record
-            continue
-        key = by_weight.get((site.weight_name, _features(site)))
-        if key is None:
-            key = _module_key(site.weight_name, set(by_weight.values()))
-            container.add_module(key, VeloraProjection(site.weight_name, _features(site), record.sub_token_size, config))
-            by_weight[(site.weight_name, _features(site))] = key
-        with graph.inserting_before(node):
-            weight = site.weight_node if site.weight_node is not None else graph.get_attr(site.weight_name)
-            bias = graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
-            new = graph.call_module(
-                f"{CONTAINER}.{key}",
-                args=(site.x, weight, bias),
-                kwargs={"site": node.name, "weight_is_out_by_in": site.weight_is_out_by_in},
-            )
-        new.meta.update(node.meta)
-        new.meta[META_KEY] = record
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        for dead in site.dead_after:
-            if not dead.users:
-                graph.erase_node(dead)
-        log.debug("velora_fx: %s -> %s (%s, d=%s)", record.node, new.format_node(), site.weight_name, record.sub_token_size)
+    groups: dict[int, list[Decision]] = {}
+    for d in decisions:  # in graph order: a group's first decision is its first site
+        d.site.node.meta.setdefault(META_KEY, {})["record"] = d.record
+        if d.record.status == COMPRESSED:
+            groups.setdefault(d.group, []).append(d)
+    for members in groups.values():
+        # resolved afresh: rewriting an earlier site replaces the node that is this site's input
+        lead = candidate(gm, members[0].site.node)
+        with graph.inserting_before(lead.node):
+            state_node = graph.get_attr(CONTAINER)
+            weight = lead.weight_node if lead.weight_node is not None else graph.get_attr(lead.weight_name)
+            p = graph.call_function(runtime.project, (state_node, lead.x, weight),
+                                    {"name": members[0].leader, "site": lead.node.name})  # fmt: skip
+        for d in members:
+            site = candidate(gm, d.site.node)
+            _ensure_projection(state, site, d.leader, estimator, gm)
+            with graph.inserting_before(site.node):
+                weight = site.weight_node if site.weight_node is not None else graph.get_attr(site.weight_name)
+                bias = graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
+                new = graph.call_function(
+                    runtime.linear,
+                    (state_node, site.x, p, weight, bias),
+                    {"name": site.weight_name, "site": site.node.name, "weight_is_out_by_in": site.weight_is_out_by_in},
+                )
+            new.meta.update(site.node.meta)
+            site.node.replace_all_uses_with(new)
+            graph.erase_node(site.node)
+            for dead in site.dead_after:
+                if not dead.users:
+                    graph.erase_node(dead)
+            log.debug("velora_fx: %s -> %s (%s)", d.record.node, new.format_node(), site.weight_name)
     graph.lint()
     gm.recompile()
     return True
 
 
+def _ensure_projection(state: ProjectionState, site: Site, leader: str, estimator, gm: fx.GraphModule) -> None:
+    """Create the projection of ``site``'s weight (and of its leader's), shared as the plan says."""
+    basis_shape = estimator.basis_shape(site.features)[0]
+    shape = estimator.state_shape(basis_shape)
+    for name in (leader, site.weight_name):
+        entry = state.get(name)
+        if entry is None:
+            basis, step = estimator.initial(basis_shape, name)
+            entry = state.create(name, estimator.field, basis.to(gm.get_parameter(name).device), step)
+        elif tuple(entry._basis.shape) != shape:
+            raise ValueError(
+                f"velora_fx.transform: the projection of {name} ({CONTAINER}.{name}.{entry.field}) has shape "
+                f"{tuple(entry._basis.shape)} but this config needs {shape}; transform with the config it was "
+                "trained with"
+            )
+    if leader != site.weight_name:
+        state.get(site.weight_name).share(state.get(leader))
+
+
 def velora_linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
     """The FX route as a pass: ``gm -> PassResult``; idempotent (a second run reports ``modified=False``)."""
-    _check_same_config(gm, config)
     decisions = plan(gm, config)
-    for _, record in decisions:
-        log.info("velora_fx: %s %s (%s): %s", record.status, record.node, record.weight, record.reason)
+    for d in decisions:
+        log.info("velora_fx: %s %s (%s): %s", d.record.status, d.record.node, d.record.weight, d.record.reason)
     return PassResult(gm, apply(gm, decisions, config))
 
 
@@ -270,24 +265,33 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
     """The decisions recorded in ``gm``'s graph, sized with the inputs seen so far.
 
     Sites that share one input (q/k/v projections of one normed tensor) count
-    its bytes once, on the first of them.
+    its bytes once, on the first of them, and its ``p`` once.
     """
+    from velora_fx.report import kept_bytes
+
+    state = gm._modules.get(CONTAINER)
+    seen = state.fx_inputs if isinstance(state, ProjectionState) else {}
     out = []
     first_user: dict[Any, str] = {}
     for node in gm.graph.nodes:
-        record = node.meta.get(META_KEY)
+        record = node.meta.get(META_KEY, {}).get("record")
         if record is None:
             continue
-        if record.status == COMPRESSED and node.op == "call_module":
-            proj = gm.get_submodule(node.target)
-            shape, dtype, before, after = proj.kept_bytes(record.node)
-            changes = {"input_shape": shape, "dtype": dtype, "bytes_before": before, "bytes_after": after}
-            if before is not None and before < proj.config.min_saved_bytes:
-                changes.update(status=SKIPPED, reason=f"below min_saved_bytes ({before} < {proj.config.min_saved_bytes})")
-            elif before is not None and node.args[0] in first_user:
-                changes.update(bytes_before=0, bytes_after=after,
-                               reason=f"{record.reason}; input shared with {first_user[node.args[0]]} (counted there)")
-            first_user.setdefault(node.args[0], record.node)
+        if record.status == COMPRESSED:
+            changes: dict[str, Any] = {}
+            if record.node in seen:
+                shape, dtype, basis_shape, kept = seen[record.node]
+                before, after = kept_bytes(shape, dtype, basis_shape)
+                changes = {"input_shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,
+                           "bytes_after": after}  # fmt: skip
+                if not kept:
+                    changes.update(status=SKIPPED, bytes_after=before, reason=f"below min_saved_bytes ({before} bytes)")
+                elif node.args[1] in first_user:
+                    changes.update(bytes_before=0, reason=f"{record.reason}; input shared with "
+                                   f"{first_user[node.args[1]]} (counted there)")  # fmt: skip
+                    if node.args[2].kwargs["site"] != record.node:  # p counted on the site that computed it
+                        changes["bytes_after"] = 0
+                first_user.setdefault(node.args[1], record.node)
             record = dataclasses.replace(record, **changes)
         out.append(record)
     return out

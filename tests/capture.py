@@ -29,7 +29,7 @@ class SiteCapture(fx.Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        site = fx_linear._candidate(self.module, n)
+        site = fx_linear.candidate(self.module, n)
         if site is not None and site.unsupported is None and out.requires_grad:
             out.retain_grad()
             x = self.env[site.x] if isinstance(site.x, fx.Node) else site.x

@@ -24,16 +24,26 @@ from torch import nn
 import velora_fx
 from velora_fx import VeloraConfig, ops
 from velora_fx import _torch_internals as ti
-from velora_fx.compile_backend import V_SUFFIX, _VeloraCompiledGraph
 from velora_fx.passes import joint_graph as jg
+from velora_fx.passes.contract import GraphSpec
+from velora_fx.passes.sites import META_KEY
 from velora_fx.report import COMPRESSED, SKIPPED
+from velora_fx.runtime import CompiledGraph
 
 from .backend_models import BrokenStack, LlamaStack, TiedLM, TinyMLP
-
-RTOL, ATOL = 1e-4, 1e-6
-
-
-# -- helpers ---------------------------------------------------------------------------------
+from .helpers import (
+    ATOL,
+    RTOL,
+    Run,
+    assert_close,
+    capture_linears,
+    directions,
+    grads,
+    patched_with_velora_linear,
+    saved_bytes_step,
+    state_keys,
+    velora_dw,
+)
 
 
 class Counting:
@@ -53,76 +63,9 @@ def _inductor(gm, example_inputs, **kwargs):
     return ti.compile_fx(gm, example_inputs, ti.mode_config_patches(kwargs.get("mode"), kwargs.get("options")))
 
 
-def saved_bytes_step(fn, *inputs, loss_fn=lambda out: out.float().pow(2).mean()):
-    """Loss of one training step and the bytes of distinct storages saved for backward during its forward."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(fn(*inputs))
-    loss.backward()
-    return loss.detach(), sum(storages.values())
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def v_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(V_SUFFIX)}
-
-
-def capture_linears(model: nn.Module):
-    """Hooks on every nn.Linear of ``model``: its input ``x`` and its output gradient ``g``."""
-    seen: dict[str, dict[str, torch.Tensor]] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            rec = seen.setdefault(name, {})
-            handles.append(mod.register_forward_pre_hook(lambda m, a, rec=rec: rec.__setitem__("x", a[0].detach())))
-            handles.append(mod.register_full_backward_hook(lambda m, gi, go, rec=rec: rec.__setitem__("g", go[0].detach())))
-    return seen, handles
-
-
-def velora_dw(x, g, v, scale):
-    """``scale · gᵀ x̂`` with ``x̂ = reconstruct(project(x, v))``, from velora_fx.ops."""
-    features = x.shape[-1]
-    x_hat = ops.reconstruct(ops.project(x, v), v, features).reshape(-1, features)
-    return scale * g.reshape(-1, g.shape[-1]).t() @ x_hat
-
-
-def patched_with_velora_linear(model: nn.Module, vs: dict[str, torch.Tensor], scale: float) -> nn.Module:
-    """A copy of ``model`` where every ``nn.Linear`` whose weight has a ``v`` runs ``ops.velora_linear``."""
-    model = copy.deepcopy(model)
-    for name, mod in model.named_modules():
-        key = f"{name}.weight{V_SUFFIX}"
-        if isinstance(mod, nn.Linear) and key in vs:
-            v = vs[key]
-
-            def forward(self, x, v=v):
-                return ops.velora_linear(x, self.weight, self.bias, v, scale)
-
-            mod.forward = types.MethodType(forward, mod)
-    return model
-
-
-def assert_close(a, b, what=""):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1.0, float(b.abs().max())), msg=lambda m: f"{what}: {m}")
-
-
-class Run(types.SimpleNamespace):
-    """What a fixture ran (short repr: hypothesis prints it on failure)."""
-
-    def __repr__(self) -> str:
-        return f"Run({', '.join(self.__dict__)})"
-
-
-def _strip(state):
-    return {k: v for k, v in state.items() if not k.endswith(V_SUFFIX)}
+def _records(plan: jg.JointPlan, spec: GraphSpec):
+    """The plan's sites as public records, each weight named by its slot's name."""
+    return [s.render(spec.name, [slot.name for slot in spec.slots]) for s in plan.sites]
 
 
 # -- the LLaMA-like stack: one velora compile, one default compile ---------------------------
@@ -148,7 +91,7 @@ def stack():
 
     with pytest.MonkeyPatch.context() as mp, ti.compile_caches(False):
         mp.setattr(jg.VeloraJointPass, "__call__", recording_call)
-        compiled = torch.compile(model, backend=velora_fx.make_backend(STACK_CFG), fullgraph=True)
+        compiled = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(STACK_CFG), fullgraph=True)
         loss, nbytes = saved_bytes_step(compiled, x)
     default_loss, default_bytes = saved_bytes_step(torch.compile(default_model, fullgraph=True), x)
 
@@ -201,28 +144,29 @@ def test_stack_exact_gradients_equal_default_compile(stack):
 
 
 def test_stack_compressed_dw_equals_formula_on_captured_x_and_g(stack):
-    vs = v_buffers(stack.model)
+    vs = directions(stack.model)
     got = grads(stack.model)
     rep = velora_fx.report(stack.model)
     for r in rep.compressed:
         module = r.weight.rsplit(".", 1)[0]
-        v = vs[r.weight + V_SUFFIX]
+        v = vs[r.weight]
         assert v.shape == (STACK_CFG.sub_token_size_for(stack.seen[module]["x"].shape[-1]),)
         expected = velora_dw(stack.seen[module]["x"], stack.seen[module]["g"], v, STACK_CFG.scale)
         assert_close(got[r.weight], expected, r.weight)
 
 
 def test_stack_v_calibrated_from_first_batch(stack):
-    vs = v_buffers(stack.model)
+    vs = directions(stack.model)
     assert len(vs) == 12
+    assert state_keys(stack.model) == {f"velora_fx.{name}.v" for name in vs}
     for name, v in vs.items():
-        module = name[: -len(".weight" + V_SUFFIX)]
+        module = name[: -len(".weight")]
         x = stack.seen[module]["x"]
         assert_close(v, ops.initial_direction(x, v.shape[0], name), name)
 
 
 def test_stack_gradients_equal_velora_linear_reference(stack):
-    ref = patched_with_velora_linear(stack.initial, v_buffers(stack.model), STACK_CFG.scale)
+    ref = patched_with_velora_linear(stack.initial, directions(stack.model), STACK_CFG.scale)
     ref_loss, _ = saved_bytes_step(ref, stack.x)
     assert_close(stack.loss, ref_loss, "loss")
     got, want = grads(stack.model), grads(ref)
@@ -232,7 +176,7 @@ def test_stack_gradients_equal_velora_linear_reference(stack):
 
 def test_stack_saves_the_expected_bytes(stack):
     rep = velora_fx.report(stack.model).compressed
-    v_bytes = sum(v.numel() * 4 for v in v_buffers(stack.model).values())
+    v_bytes = sum(v.numel() * 4 for v in directions(stack.model).values())
     saved = stack.default_bytes - stack.bytes
     # at least what the plan promises (p kept, X dropped); at most every compressed X (p recomputed)
     assert rep.bytes_saved - v_bytes <= saved <= rep.bytes_before, (saved, rep.bytes_saved, rep.bytes_before)
@@ -243,22 +187,23 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
     (g,) = stack.graphs
     xs = set(g.plan.groups)
     assert len(xs) == 6  # per block: the q/k/v input, the gate/up input, the down_proj input
-    projections = [n for n in g.after.nodes if n.meta.get(jg.META_KEY, {}).get("role") == "project"]
+    projections = [n for n in g.after.nodes if n.meta.get(META_KEY, {}).get("role") == "project"]
     assert {n.args[0] for n in projections if n.target is torch.ops.aten.constant_pad_nd.default} == xs  # padded
-    output = g.after.output_node()
-    fw = jg._forward_nodes(g.after, output.args[0][: len(output.args[0]) - g.spec.num_inputs])
+    fw = jg._forward_nodes(g.after, ti.joint_layout(g.after).forward_outputs)
     for x in xs:  # only the inserted projection reads X outside the forward; no weight gradient does
-        others = [u for u, _ in jg._backward_uses(x, fw) if u.meta.get(jg.META_KEY, {}).get("role") != "project"]
+        others = [u for u, _ in jg._backward_uses(x, fw) if u.meta.get(META_KEY, {}).get("role") != "project"]
         assert others == [], x.format_node()
     # one p per stored tensor: the weights reading it share v (NOTE [one v per input])
     assert len([n for n in projections if n.target is torch.ops.aten.mm.default]) == len(xs)
-    dws = [n for n in g.after.nodes if "weight_gradient" in n.meta.get(jg.META_KEY, {})]
-    assert len(dws) == 12
+    dws = [n for n in g.after.nodes if "weight_gradient" in n.meta.get(META_KEY, {})]
+    assert len(dws) == 12 and sorted(n.meta[META_KEY]["weight_gradient"] for n in dws) == sorted(
+        s.slot for s in g.plan.sites if s.status == COMPRESSED
+    )
     for dw in dws:  # each is computed from p (the projection), never from X
         stack_, sources = list(dw.all_input_nodes), set()
         while stack_:
             n = stack_.pop()
-            role = n.meta.get(jg.META_KEY, {}).get("role")
+            role = n.meta.get(META_KEY, {}).get("role")
             if role == "project" and n.target is torch.ops.aten.mm.default:  # p = X_rows @ v
                 sources.add(n)
             elif role in ("weight_gradient", "project"):
@@ -267,11 +212,11 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
     # ... with matmuls only (extern kernels: nothing for Inductor to generate), but for the scale on G·p
     aten = torch.ops.aten
     for n in g.after.nodes:
-        if n.meta.get(jg.META_KEY, {}).get("role") == "weight_gradient":
+        if n.meta.get(META_KEY, {}).get("role") == "weight_gradient":
             if n.target not in (aten.mm.default, aten.view.default, aten.slice.Tensor, aten.permute.default):
                 assert n.target is aten.mul.Tensor and n.meta["val"].shape[-1] == STACK_CFG.num_groups, n.format_node()
     # every weight gradient here is an mm of views of X: served from p without rebuilding x̂
-    assert not [n for n in g.after.nodes if n.meta.get(jg.META_KEY, {}).get("role") == "reconstruct"]
+    assert not [n for n in g.after.nodes if n.meta.get(META_KEY, {}).get("role") == "reconstruct"]
     # the pass is idempotent: planning the rewritten graph finds nothing more to do
     again = jg.plan_joint_graph(g.after, g.spec, STACK_CFG)
     assert not again.groups
@@ -280,18 +225,19 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
 def test_checkpoint_whose_shared_v_differ_warns_and_uses_the_first(stack, caplog):
     """q/k/v share one v (NOTE [one v per input]); a checkpoint where k's differs is loaded, warned about, and
     k then uses q's v: its buffer is q's tensor, and its dW is the formula with that v."""
-    leader, follower = (f"layers.0.self_attn.{n}_proj.weight{V_SUFFIX}" for n in ("q", "k"))
+    leader, follower = (f"layers.0.self_attn.{n}_proj.weight" for n in ("q", "k"))
     state = copy.deepcopy(stack.model.state_dict())
-    assert torch.equal(state[leader], state[follower])
-    state[follower] = -state[follower]
-    fresh = copy.deepcopy(stack.initial)
+    assert torch.equal(state[f"velora_fx.{leader}.v"], state[f"velora_fx.{follower}.v"])
+    state[f"velora_fx.{follower}.v"] = -state[f"velora_fx.{follower}.v"]
+    fresh = velora_fx.prepare(copy.deepcopy(stack.initial))
+    fresh.load_state_dict(state)  # the ordinary torch call: the prepared model creates the projections it reads
     compiled = torch.compile(fresh, backend=velora_fx.make_backend(STACK_CFG))
-    velora_fx.load_state_dict(compiled, state)
     with caplog.at_level(logging.WARNING, logger="velora_fx"):
         compiled(stack.x).float().pow(2).mean().backward()
-    assert f"{follower} differs from {leader}" in caplog.text
-    buffers = dict(fresh.named_buffers(remove_duplicate=False))
-    assert buffers[follower] is buffers[leader] and torch.equal(buffers[leader], state[leader])
+    assert f"the projection of {follower} differs from that of {leader}" in caplog.text
+    projs = velora_fx.projections(fresh)
+    assert projs[follower].basis is projs[leader].basis and torch.equal(projs[leader].basis, state[f"velora_fx.{leader}.v"])
+    assert torch.equal(fresh.state_dict()[f"velora_fx.{follower}.v"], state[f"velora_fx.{leader}.v"])
 
 
 @pytest.mark.parametrize("init", ["batch_average_once", "ema", "random"])
@@ -303,17 +249,18 @@ def test_weights_reading_one_input_share_one_v(init):
     model = LlamaStack(blocks=1, dim=32, heads=2, hidden=48)
     eager = copy.deepcopy(model)
     seen, _ = capture_linears(eager)
-    compiled = torch.compile(model, backend=velora_fx.make_backend(cfg))
+    compiled = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
     for step in range(2):
         x = torch.randn(2, 8, 32) + step
         for p in list(model.parameters()) + list(eager.parameters()):
             p.grad = None
         saved_bytes_step(compiled, x)
         saved_bytes_step(eager, x)
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    assert set(buffers) == set(model.state_dict()) - {n for n, _ in model.named_parameters()}
+    projs = velora_fx.projections(model)
+    assert state_keys(model) == {f"velora_fx.{name}.v" for name in projs}
+    buffers = {name: p.basis for name, p in projs.items()}
     for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
-        vs = [buffers[f"layers.0.{name}.weight{V_SUFFIX}"] for name in group]
+        vs = [buffers[f"layers.0.{name}.weight"] for name in group]
         if init == "random":
             assert len({id(v) for v in vs}) == len(vs) and not torch.equal(vs[0], vs[1])
         else:
@@ -322,7 +269,7 @@ def test_weights_reading_one_input_share_one_v(init):
     assert len(compressed) == 6
     for r in compressed:
         module = r.weight.rsplit(".", 1)[0]
-        want = velora_dw(seen[module]["x"], seen[module]["g"], buffers[r.weight + V_SUFFIX], 1.0)
+        want = velora_dw(seen[module]["x"], seen[module]["g"], buffers[r.weight], 1.0)
         assert_close(model.get_parameter(r.weight).grad, want, r.weight)
 
 
@@ -344,36 +291,43 @@ def test_refreshed_shared_v_is_computed_before_the_first_matmul_of_its_group():
     compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4, init="ema")))
     x = torch.randn(2, 8, 32)
     saved_bytes_step(compiled, x)
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    assert buffers["k.weight" + V_SUFFIX] is buffers["q.weight" + V_SUFFIX]
+    buffers = {name: p.basis for name, p in velora_fx.projections(model).items()}
+    assert buffers["k.weight"] is buffers["q.weight"]
     ys = {name: torch.nn.functional.linear(x, getattr(model, name).weight.detach()).requires_grad_() for name in "qk"}
     (ys["k"] * ys["q"]).sum(-1).pow(2).mean().backward()  # saved_bytes_step's loss, on the outputs: g of each
     for name in "qk":
-        want = velora_dw(x, ys[name].grad, buffers[f"{name}.weight{V_SUFFIX}"], 1.0)
+        want = velora_dw(x, ys[name].grad, buffers[f"{name}.weight"], 1.0)
         assert_close(getattr(model, name).weight.grad, want, name)
 
 
 # -- the plan, on the captured joint graph, for many configs (no compile) ---------------------
 
 
-def _respec(spec: jg.GraphSpec, cfg: VeloraConfig) -> jg.GraphSpec:
+def _respec(spec: GraphSpec, cfg: VeloraConfig) -> GraphSpec:
+    """The slots the backend would build under ``cfg`` (same basis inputs; sizes, exclusions and leaders as ``cfg``
+    says)."""
     slots = []
     for s in spec.slots:
         d = cfg.sub_token_size_for(s.features) if s.features else None
-        if s.v_primal is not None and d is not None and not cfg.why_excluded(s.fqn):
-            slots.append(dataclasses.replace(s, sub_token_size=d))
+        excluded = cfg.why_excluded(s.name)
+        if s.basis_primal is not None and d is not None and d > 1 and not excluded:
+            slots.append(dataclasses.replace(s, basis_shape=(d, 1)))
         else:
-            slots.append(dataclasses.replace(s, v_primal=None, reason=cfg.why_excluded(s.fqn) or "too small"))
+            slots.append(dataclasses.replace(s, basis_primal=None, basis_shape=None, leader=None,
+                                             reason=excluded or "too small"))  # fmt: skip
+    # a weight whose leader became exact leads its own basis input (as the backend would give it one)
+    slots = [dataclasses.replace(s, leader=None) if s.leader is not None and slots[s.leader].basis_primal is None
+             else s for s in slots]  # fmt: skip
     return dataclasses.replace(spec, slots=tuple(slots))
 
 
-def _graph_for(before: torch.fx.Graph, spec: jg.GraphSpec) -> torch.fx.Graph:
-    """A copy of ``before`` whose ``v`` inputs have the sizes ``spec`` gives them (as a real compile would)."""
+def _graph_for(before: torch.fx.Graph, spec: GraphSpec) -> torch.fx.Graph:
+    """A copy of ``before`` whose basis inputs have the sizes ``spec`` gives them (as a real compile would)."""
     graph = copy.deepcopy(before)
-    primals = [n for n in graph.find_nodes(op="placeholder") if jg._is_primal(n)]
+    inputs = {i: n for n, i in ti.joint_layout(graph).input_index.items()}
     for s in spec.slots:
-        if s.v_primal is not None:
-            node = primals[s.v_primal]
+        if s.basis_primal is not None:
+            node = inputs[s.basis_primal]
             node.meta = dict(node.meta, val=node.meta["val"].new_empty((s.sub_token_size,)))
     return graph
 
@@ -393,10 +347,9 @@ def test_plan_invariants_for_any_config(stack, groups, exclude, min_bytes):
     spec = _respec(g.spec, cfg)
     graph = _graph_for(g.before, spec)
     plan = jg.plan_joint_graph(graph, spec, cfg)
-    assert len(plan.records) == 14
-    by_input: dict[tuple, set] = {}
-    for site in plan.sites:
-        r = site.record
+    records = _records(plan, spec)
+    assert len(records) == 14
+    for r in records:
         assert r.status in (COMPRESSED, SKIPPED) and r.reason
         assert r.bytes_after <= r.bytes_before or r.bytes_before == 0
         if r.status == COMPRESSED:
@@ -408,34 +361,34 @@ def test_plan_invariants_for_any_config(stack, groups, exclude, min_bytes):
     # q/k/v (and gate/up) share one input: all compressed or all skipped
     for block in ("layers.0", "layers.1"):
         for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            statuses = {r.status for r in plan.records if r.weight.split(".")[-2] in group and r.weight.startswith(block)}
+            statuses = {r.status for r in records if r.weight.split(".")[-2] in group and r.weight.startswith(block)}
             assert len(statuses) == 1, (block, group, statuses)
     if min_bytes > 10**5:
         assert not plan.groups
     changed = jg.apply_joint_plan(graph, plan, spec, cfg)
     assert changed == bool(plan.groups or plan.markers)
     graph.lint()
-    output = graph.output_node()
-    fw = jg._forward_nodes(graph, output.args[0][: len(output.args[0]) - spec.num_inputs])
+    fw = jg._forward_nodes(graph, ti.joint_layout(graph).forward_outputs)
     for x in plan.groups:
-        assert all(u.meta[jg.META_KEY]["role"] == "project" for u, _ in jg._backward_uses(x, fw))
+        assert all(u.meta[META_KEY]["role"] == "project" for u, _ in jg._backward_uses(x, fw))
 
 
 def test_excluded_input_sharer_keeps_the_shared_input_exact(stack):
     (g,) = stack.graphs
     cfg = VeloraConfig(num_groups=8, exclude=("*.k_proj.weight",))
-    plan = jg.plan_joint_graph(g.before, _respec(g.spec, cfg), cfg)
-    q = [r for r in plan.records if r.weight.endswith("q_proj.weight")]
+    spec = _respec(g.spec, cfg)
+    records = _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, cfg), spec)
+    q = [r for r in records if r.weight.endswith("q_proj.weight")]
     assert all(r.status == SKIPPED and "k_proj" in r.reason for r in q)
-    down = [r for r in plan.records if r.weight.endswith("down_proj.weight")]
+    down = [r for r in records if r.weight.endswith("down_proj.weight")]
     assert all(r.status == COMPRESSED for r in down)
 
 
 def test_too_small_features_are_skipped_with_reason(stack):
     (g,) = stack.graphs
     cfg = VeloraConfig(num_groups=80)  # > 64: only down_proj (D=96) can be split
-    plan = jg.plan_joint_graph(g.before, _respec(g.spec, cfg), cfg)
-    for r in plan.records:
+    spec = _respec(g.spec, cfg)
+    for r in _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, cfg), spec):
         if r.weight.endswith("down_proj.weight"):
             assert r.status == COMPRESSED
         else:
@@ -491,16 +444,16 @@ def test_graph_break_every_graph_rewritten_and_reported(broken):
 
 
 def test_graph_break_two_instances_use_their_own_v(broken):
-    vs = v_buffers(broken.model)
-    v0, v1 = vs["layers.0.mlp.down_proj.weight" + V_SUFFIX], vs["layers.1.mlp.down_proj.weight" + V_SUFFIX]
+    vs = directions(broken.model)
+    v0, v1 = vs["layers.0.mlp.down_proj.weight"], vs["layers.1.mlp.down_proj.weight"]
     assert not torch.allclose(v0, v1)
     for name, v in vs.items():
-        module = name[: -len(".weight" + V_SUFFIX)]
+        module = name[: -len(".weight")]
         assert_close(v, ops.initial_direction(broken.seen[module]["x"], v.shape[0], name), name)
     got = grads(broken.model)
     for r in velora_fx.report(broken.model).compressed:
         module = r.weight.rsplit(".", 1)[0]
-        expected = velora_dw(broken.seen[module]["x"], broken.seen[module]["g"], vs[r.weight + V_SUFFIX], 1.0)
+        expected = velora_dw(broken.seen[module]["x"], broken.seen[module]["g"], vs[r.weight], 1.0)
         assert_close(got[r.weight], expected, r.weight)
 
 
@@ -511,7 +464,7 @@ def test_graph_break_gradients(broken):
     for n in ref:
         if n not in compressed:
             assert_close(got[n], ref[n], n)
-    velora_ref = patched_with_velora_linear(broken.initial, v_buffers(broken.model), 1.0)
+    velora_ref = patched_with_velora_linear(broken.initial, directions(broken.model), 1.0)
     saved_bytes_step(velora_ref, broken.x)
     for n, want in grads(velora_ref).items():
         assert_close(got[n], want, n)
@@ -540,17 +493,17 @@ def test_tied_weight_has_one_v_shared_by_its_uses(tied):
     assert by_weight["embed.weight"].status == COMPRESSED  # the output projection's input
     assert by_weight["fc1.weight"].status == COMPRESSED
     assert by_weight["fc2.weight"].status == SKIPPED and "kept for backward anyway" in by_weight["fc2.weight"].reason
-    assert set(v_buffers(tied.model)) == {"embed.weight" + V_SUFFIX, "fc1.weight" + V_SUFFIX}
+    assert set(directions(tied.model)) == {"embed.weight", "fc1.weight"}
     assert_close(tied.loss, tied.default_loss, "loss")
     # embedding gradient (exact) + output projection gradient (VeLoRA), as velora_linear computes them
     ref = copy.deepcopy(tied.initial)
-    v = v_buffers(tied.model)
+    v = directions(tied.model)
 
     def forward(self, t):
         h = self.embed(t)
-        hidden = ops.velora_linear(h, self.fc1.weight, self.fc1.bias, v["fc1.weight" + V_SUFFIX])
+        hidden = ops.velora_linear(h, self.fc1.weight, self.fc1.bias, v["fc1.weight"])
         h = h + self.fc2(torch.relu(hidden))
-        return ops.velora_linear(h, self.embed.weight, None, v["embed.weight" + V_SUFFIX])
+        return ops.velora_linear(h, self.embed.weight, None, v["embed.weight"])
 
     ref.forward = types.MethodType(forward, ref)
     saved_bytes_step(ref, tied.tokens)
@@ -570,13 +523,13 @@ def dynamic():
     default_model = copy.deepcopy(model)
     backend = Counting(velora_fx.make_backend(VeloraConfig(num_groups=8)))
     default_backend = Counting(_inductor)
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(velora_fx.prepare(model), backend=backend)
     default_compiled = torch.compile(default_model, backend=default_backend)
     losses, vs = [], []
     for seq in (6, 9, 13, 17):
         x = torch.randn(2, seq, 32)
         losses.append((saved_bytes_step(compiled, x)[0], saved_bytes_step(default_compiled, x)[0]))
-        vs.append(v_buffers(model))
+        vs.append(directions(model))
     return Run(model=model, compiled=compiled, backend=backend, default_backend=default_backend,
                                  losses=losses, vs=vs, default_model=default_model)  # fmt: skip
 
@@ -586,7 +539,7 @@ def test_dynamic_shapes_no_extra_recompiles(dynamic):
     for got, want in dynamic.losses:
         assert_close(got, want, "loss")
     first = dynamic.vs[0]
-    assert set(first) == {"fc1.weight" + V_SUFFIX, "fc2.weight" + V_SUFFIX}
+    assert set(first) == {"fc1.weight", "fc2.weight"}
     for later in dynamic.vs[1:]:
         assert all(torch.equal(first[k], later[k]) for k in first)
     assert len({r.graph for r in velora_fx.report(dynamic.model)}) == dynamic.backend.calls
@@ -601,21 +554,21 @@ def _assert_same_next_step(dynamic, compiled, fresh, x):
     assert torch.equal(loss_a, loss_b)
     ga, gb = grads(dynamic.model), grads(fresh)
     assert all(torch.equal(ga[n], gb[n]) for n in ga)
-    assert all(torch.equal(a, b) for a, b in zip(v_buffers(dynamic.model).values(), v_buffers(fresh).values()))
+    assert all(torch.equal(a, b) for a, b in zip(directions(dynamic.model).values(), directions(fresh).values()))
 
 
 def test_state_dict_round_trip_gives_the_same_next_step(dynamic):
     torch.manual_seed(4)
     x1, x2 = torch.randn(2, 7, 32), torch.randn(2, 11, 32)
     state = copy.deepcopy(dynamic.model.state_dict())
-    assert "fc2.weight" + V_SUFFIX in state and state["fc2.weight" + V_SUFFIX].abs().sum() > 0
-    fresh = TinyMLP()
+    assert "velora_fx.fc2.weight.v" in state and state["velora_fx.fc2.weight.v"].abs().sum() > 0
+    fresh = velora_fx.prepare(TinyMLP())
     compiled = torch.compile(fresh, backend=dynamic.backend)  # same backend: Dynamo reuses the graphs
     with torch.no_grad():
-        compiled(x1)  # a first call under no_grad builds no buffer ...
-    assert not v_buffers(fresh)
+        compiled(x1)  # a first call under no_grad creates no projection ...
+    assert not directions(fresh) and not state_keys(fresh)
     compiled(x1).sum()  # ... a training call does (and calibrates on x1)
-    assert not torch.equal(v_buffers(fresh)["fc2.weight" + V_SUFFIX], state["fc2.weight" + V_SUFFIX])
+    assert not torch.equal(directions(fresh)["fc2.weight"], state["velora_fx.fc2.weight.v"])
     fresh.load_state_dict(state)
     _assert_same_next_step(dynamic, compiled, fresh, x2)
 
@@ -625,23 +578,23 @@ def test_resume_into_a_fresh_model_before_its_first_call(dynamic):
     x = torch.randn(2, 9, 32)
     state = copy.deepcopy(dynamic.model.state_dict())
     fresh = TinyMLP()
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*velora_fx\.fc1\.weight\.v"):
+        fresh.load_state_dict(state)  # a model that was not prepared has no place for them
+    velora_fx.prepare(fresh).load_state_dict(state)  # the documented way: prepare, then the ordinary call
     compiled = torch.compile(fresh, backend=dynamic.backend)
-    with pytest.raises(RuntimeError, match="Unexpected key.*_velora_v"):
-        fresh.load_state_dict(state)  # a plain load cannot know the buffers yet
-    velora_fx.load_state_dict(compiled, state)
     _assert_same_next_step(dynamic, compiled, fresh, x)
 
 
 def test_inference_graph_is_the_default_one(dynamic):
     fresh = TinyMLP()
-    fresh.load_state_dict(_strip(dynamic.model.state_dict()))
+    fresh.load_state_dict({k: v for k, v in dynamic.model.state_dict().items() if not k.startswith("velora_fx.")})
     backend = Counting(velora_fx.make_backend(VeloraConfig(num_groups=8)))
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         out = torch.compile(fresh.eval(), backend=backend)(x)
     assert backend.calls == 1
-    assert not isinstance(backend.last, _VeloraCompiledGraph)  # compile_fx's own callable
-    assert not v_buffers(fresh) and len(velora_fx.report(fresh)) == 0
+    assert not isinstance(backend.last, CompiledGraph)  # compile_fx's own callable
+    assert not directions(fresh) and len(velora_fx.report(fresh)) == 0
     torch.testing.assert_close(out, dynamic.default_model.eval()(x), rtol=RTOL, atol=ATOL)
 
 
@@ -664,11 +617,11 @@ def test_refreshed_v_follows_every_step_without_recompiling(init):
             p.grad = None
         saved_bytes_step(compiled, x)
         eager(x)
-        history.append((v_buffers(model), {k: seen[k]["x"] for k in seen}))
+        history.append((directions(model), {k: seen[k]["x"] for k in seen}))
     assert backend.calls == 1
     (v0, x0), *rest = history
     for name in ("fc1", "fc2"):
-        key = f"{name}.weight{V_SUFFIX}"
+        key = f"{name}.weight"
         assert_close(v0[key], ops.initial_direction(x0[name], v0[key].shape[0], key), key)
         prev = v0[key]
         for v, xs in rest:
@@ -682,7 +635,7 @@ def test_refreshed_v_follows_every_step_without_recompiling(init):
         p.grad = None
     saved_bytes_step(compiled, x)
     saved_bytes_step(eager, x)
-    v = v_buffers(model)["fc2.weight" + V_SUFFIX]
+    v = directions(model)["fc2.weight"]
     assert_close(model.fc2.weight.grad, velora_dw(seen["fc2"]["x"], seen["fc2"]["g"], v, 1.0), "fc2.weight")
 
 
@@ -692,8 +645,8 @@ def test_random_init_and_mode_option():
     model = TinyMLP()
     compiled = torch.compile(model, backend=velora_fx.make_backend(cfg), mode="reduce-overhead")
     saved_bytes_step(compiled, torch.randn(2, 4, 32))
-    for key, v in v_buffers(model).items():
-        assert torch.equal(v, ops.random_direction(v.shape[0], 3, key[: -len(V_SUFFIX)]))
+    for key, v in directions(model).items():
+        assert torch.equal(v, ops.random_direction(v.shape[0], 3, key))
 
 
 def test_backend_rejects_unknown_arguments_and_configs():

@@ -18,11 +18,10 @@ from torch import nn
 
 import velora_fx
 from velora_fx import VeloraConfig
-from velora_fx.compile_backend import V_SUFFIX
 from velora_fx.report import COMPRESSED, SKIPPED
 
 from .backend_models import TinyMLP
-from .test_backend import assert_close, capture_linears, grads, saved_bytes_step, v_buffers, velora_dw
+from .helpers import assert_close, capture_linears, directions, grads, saved_bytes_step, state_keys, velora_dw
 
 CFG = VeloraConfig(num_groups=8)
 
@@ -65,11 +64,11 @@ def test_num_groups_larger_than_features_stays_exact_and_non_dividing_sizes_are_
         "feature size 30 is smaller than num_groups 32; use a smaller num_groups (or exclude this weight) to compress it"
     )
     assert by["fc2.weight"].status == COMPRESSED and by["fc2.weight"].sub_token_size == 2
-    assert set(v_buffers(model)) == {"fc2.weight" + V_SUFFIX}  # no v for the exact layer
+    assert set(directions(model)) == {"fc2.weight"}  # no v for the exact layer
     got, ref = grads(model), grads(eager)
     for n in ("fc1.weight", "fc1.bias", "fc2.bias"):
         assert_close(got[n], ref[n], n)
-    v = v_buffers(model)["fc2.weight" + V_SUFFIX]
+    v = directions(model)["fc2.weight"]
     assert_close(got["fc2.weight"], velora_dw(seen["fc2"]["x"], seen["fc2"]["g"], v, 1.0), "fc2.weight")
 
 
@@ -81,7 +80,7 @@ def test_sub_token_size_one_is_not_compressed():
     by = {r.weight: r for r in velora_fx.report(model)}
     assert by["fc1.weight"].status == SKIPPED and "sub-token size 1" in by["fc1.weight"].reason, by["fc1.weight"]
     assert by["fc2.weight"].status == COMPRESSED  # D=48 -> d=2
-    assert "fc1.weight" + V_SUFFIX not in v_buffers(model)
+    assert "fc1.weight" not in directions(model)
 
 
 # -- calibration faults (through the backend) ---------------------------------------------------------------
@@ -94,7 +93,7 @@ def test_all_zero_first_batch_uses_uniform_direction_and_warns(shared_backend, c
         saved_bytes_step(compiled, torch.zeros(2, 5, 32))
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "fc1.weight" in warned and "average to zero" in warned and "uniform direction" in warned
-    v = v_buffers(model)["fc1.weight" + V_SUFFIX]
+    v = directions(model)["fc1.weight"]
     assert torch.allclose(v, torch.full_like(v, 1 / math.sqrt(v.numel())))
     assert all(torch.isfinite(g).all() for g in grads(model).values())
 
@@ -109,10 +108,10 @@ def test_nan_first_batch_raises_naming_the_layer_and_leaves_no_nan_v(shared_back
     x[0, 1, 3] = float("inf")
     with pytest.raises(ValueError, match=r"fc1\.weight holds NaN or inf"):
         compiled(x)
-    assert all(torch.isfinite(v).all() and not v.any() for v in v_buffers(model).values())  # uncalibrated, not NaN
+    assert all(torch.isfinite(v).all() and not v.any() for v in directions(model).values())  # uncalibrated, not NaN
     x[0, 1, 3] = 0.0
     saved_bytes_step(compiled, x)  # a finite batch calibrates as usual
-    assert all(torch.isfinite(v).all() and v.any() for v in v_buffers(model).values())
+    assert all(torch.isfinite(v).all() and v.any() for v in directions(model).values())
     assert all(torch.isfinite(g).all() for g in grads(model).values())
 
 
@@ -126,14 +125,14 @@ def test_empty_batch_does_not_calibrate(shared_backend, caplog):
         out.sum().backward()
     assert out.shape == (0, 5, 32)
     assert not [r for r in caplog.records if "average to zero" in r.getMessage()]
-    assert all(not v.any() for v in v_buffers(model).values())
+    assert all(not v.any() for v in directions(model).values())
     assert all(not g.any() for g in grads(model).values())
     x = torch.randn(2, 5, 32)
     eager = copy.deepcopy(model)
     seen, _ = capture_linears(eager)
     saved_bytes_step(compiled, x)
     saved_bytes_step(eager, x)
-    v = v_buffers(model)["fc2.weight" + V_SUFFIX]
+    v = directions(model)["fc2.weight"]
     assert v.any()
     assert_close(model.fc2.weight.grad, velora_dw(seen["fc2"]["x"], seen["fc2"]["g"], v, 1.0), "fc2.weight")
 
@@ -162,7 +161,7 @@ def test_complex_weights_stay_exact():
     eager(x).abs().sum().backward()
     (r,) = velora_fx.report(model)
     assert r.status == SKIPPED and "complex" in r.reason, r
-    assert not v_buffers(model)
+    assert not directions(model)
     for n, g in grads(eager).items():
         torch.testing.assert_close(grads(model)[n], g, rtol=1e-4, atol=1e-5)
 
@@ -201,7 +200,7 @@ def test_model_without_linear_layers():
     loss, _ = saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(CFG)), x)
     default_loss, _ = saved_bytes_step(torch.compile(default_model), x)
     assert_close(loss, default_loss, "loss")
-    assert len(velora_fx.report(model)) == 0 and not v_buffers(model)
+    assert len(velora_fx.report(model)) == 0 and not directions(model)
     for n, g in grads(default_model).items():
         assert_close(grads(model)[n], g, n)
 
@@ -217,38 +216,50 @@ def test_backend_used_only_for_inference(shared_backend):
     want = copy.deepcopy(model)(x)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out2, want, rtol=1e-5, atol=1e-6)
-    assert not v_buffers(model) and len(velora_fx.report(model)) == 0
+    assert not directions(model) and len(velora_fx.report(model)) == 0
 
 
 # -- misuse: configs and checkpoints that do not match ---------------------------------------------------------
 
 
 def test_recompiling_with_another_config_is_a_clear_error(shared_backend):
-    model = _fresh(11)
+    model = velora_fx.prepare(_fresh(11))
     saved_bytes_step(torch.compile(model, backend=shared_backend), torch.randn(2, 5, 32))
-    assert v_buffers(model)["fc1.weight" + V_SUFFIX].shape == (4,)
+    assert directions(model)["fc1.weight"].shape == (4,)
     other = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4)))
-    with pytest.raises(ValueError, match=r"buffer fc1\.weight_velora_v has shape \(4,\) but this backend's config "
-                                         r"needs \(8,\) for D=32; compile with the config the model was trained with"):
+    with pytest.raises(ValueError, match=r"the projection of fc1\.weight \(velora_fx\.fc1\.weight\.v\) has shape \(4,\) "
+                                         r"but this backend's config needs \(8,\) for D=32; compile with the config the "
+                                         r"model was trained with"):  # fmt: skip
         other(torch.randn(2, 5, 32))
     # the same sizes under another config (scale) is accepted: v is kept, only the scale changes
-    before = v_buffers(model)
+    before = directions(model)
     saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8, scale=0.5))),
                      torch.randn(2, 5, 32))  # fmt: skip
-    assert all(torch.equal(before[k], v) for k, v in v_buffers(model).items())
+    assert all(torch.equal(before[k], v) for k, v in directions(model).items())
+
+
+def test_prepared_config_and_backend_config_must_agree():
+    model = velora_fx.prepare(_fresh(14), VeloraConfig(num_groups=4))
+    with pytest.raises(Exception, match=r"prepared with VeloraConfig\(num_groups=4.*compile it with velora_fx\.backend"):
+        torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8)))(torch.randn(2, 5, 32))
+    saved_bytes_step(torch.compile(model, backend=velora_fx.backend), torch.randn(2, 5, 32))  # the prepared config
+    assert directions(model)["fc1.weight"].shape == (8,)  # D=32 at 4 groups
+    with pytest.raises(ValueError, match="would mix two configs"):
+        velora_fx.prepare(model, VeloraConfig(num_groups=8))
 
 
 def test_loading_v_of_another_shape_is_a_clear_error(shared_backend):
-    trained = _fresh(12)
+    trained = velora_fx.prepare(_fresh(12))
     saved_bytes_step(torch.compile(trained, backend=shared_backend), torch.randn(2, 5, 32))
     state = trained.state_dict()
-    bad = dict(state, **{"fc1.weight" + V_SUFFIX: torch.ones(5) / math.sqrt(5)})
-    # a model that already has its buffers: torch's size-mismatch error names the buffer
-    with pytest.raises(RuntimeError, match=r"size mismatch for fc1\.weight_velora_v"):
-        velora_fx.load_state_dict(trained, bad)
+    bad = dict(state, **{"velora_fx.fc1.weight.v": torch.ones(5) / math.sqrt(5)})
+    # a model that already has its projections: torch's size-mismatch error names the key
+    with pytest.raises(RuntimeError, match=r"size mismatch for velora_fx\.fc1\.weight\.v"):
+        trained.load_state_dict(bad)
     # a fresh model: the loaded v is taken as it is, and the first compiled call refuses it, naming the layer
-    fresh = _fresh(13)
+    fresh = velora_fx.prepare(_fresh(13))
+    fresh.load_state_dict(bad)
     compiled = torch.compile(fresh, backend=shared_backend)
-    velora_fx.load_state_dict(compiled, bad)
-    with pytest.raises(ValueError, match=r"buffer fc1\.weight_velora_v has shape \(5,\) but this backend's config needs \(4,\)"):
+    with pytest.raises(ValueError, match=r"projection of fc1\.weight \(velora_fx\.fc1\.weight\.v\) has shape \(5,\) "
+                                         r"but this backend's config needs \(4,\)"):  # fmt: skip
         compiled(torch.randn(2, 5, 32))

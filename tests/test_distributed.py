@@ -28,8 +28,9 @@ from torch import nn
 
 import velora_fx
 from velora_fx import VeloraConfig, ops
-from velora_fx.compile_backend import V_SUFFIX
 from velora_fx.report import COMPRESSED
+
+from .helpers import directions
 
 WORLD = 2
 CFG = VeloraConfig(num_groups=8)
@@ -69,7 +70,7 @@ def _batch():
 
 
 def _v(model):
-    return {n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(V_SUFFIX)}
+    return directions(model)
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -83,7 +84,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
         torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 1024  # DDPOptimizer asserts first bucket <= bucket cap
         torch.manual_seed(0)
-        model = Net()
+        model = velora_fx.prepare(Net())
         graphs = []
         backend = velora_fx.make_backend(CFG)
 
@@ -109,7 +110,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = Net()
+        model = velora_fx.prepare(Net())
         fully_shard(model)
         compiled = torch.compile(model, backend=velora_fx.make_backend(CFG))
         (compiled(x) * r).sum().backward()
@@ -122,10 +123,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         ckpt = os.path.join(out, "dcp")
         dcp.save(model.state_dict(), checkpoint_id=ckpt)
         torch.manual_seed(1)
-        fresh = Net()
+        fresh = velora_fx.prepare(Net())
         fully_shard(fresh)
-        zeros = {k: torch.zeros_like(v) for k, v in result["fsdp_v"].items()}
-        velora_fx.load_state_dict(fresh, zeros, strict=False)  # the buffers must exist for dcp.load to fill them
+        # dcp.load fills the tensors of the state_dict it is given: create the projections first (any values)
+        fresh.load_state_dict({f"velora_fx.{k}.v": torch.zeros_like(v) for k, v in result["fsdp_v"].items()},
+                              strict=False)  # fmt: skip
         state = fresh.state_dict()
         dcp.load(state, checkpoint_id=ckpt)
         fresh.load_state_dict(state)
@@ -160,9 +162,9 @@ def ranks(tmp_path_factory):
 def _reference(state):
     """One process, the concatenated batch, the v of ``state``: gradients of the same (rank-averaged) loss."""
     torch._dynamo.reset()
-    model = Net()
+    model = velora_fx.prepare(Net())
+    model.load_state_dict(state)
     compiled = torch.compile(model, backend=velora_fx.make_backend(CFG))
-    velora_fx.load_state_dict(compiled, state)
     x, r = _batch()
     (compiled(x) * r).sum().div(WORLD).backward()
     return model, {n: p.grad for n, p in model.named_parameters()}
@@ -205,7 +207,7 @@ def test_every_rank_has_the_same_v_from_the_global_first_batch(ranks, key):
             mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
     eager(_batch()[0])
     for k, v in v0.items():
-        module = k[: -len(".weight" + V_SUFFIX)]
+        module = k[: -len(".weight")]
         _close(v, ops.initial_direction(seen[module], v.shape[0], k), k)
         local = ops.initial_direction(seen[module].chunk(WORLD)[0], v.shape[0], k)
         assert not torch.allclose(v, local, atol=1e-4), f"{k}: rank 0's own batch gives the same v; the test cannot tell"
@@ -223,7 +225,7 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(ranks, referen
 def test_ddp_checkpoint_from_rank0_restores_v(ranks, reference):
     out, results = ranks
     state = torch.load(os.path.join(out, "ddp_state.pt"))
-    assert {k for k in state if k.endswith(V_SUFFIX)} == set(results[0]["v"])
+    assert {k for k in state if k.startswith("velora_fx.")} == {f"velora_fx.{k}.v" for k in results[0]["v"]}
     model, _ = reference  # velora_fx.load_state_dict into a fresh model, then one compiled step
     for k, v in results[0]["v"].items():
         assert torch.equal(_v(model)[k], v), k
@@ -245,7 +247,7 @@ def test_fsdp2_compressed_gradients_and_dcp_checkpoint(ranks, reference):
 
 
 def test_refreshing_init_is_refused_under_distributed(monkeypatch):
-    monkeypatch.setattr(velora_fx.compile_backend, "_distributed", lambda: True)
+    monkeypatch.setattr(velora_fx.compile_backend, "distributed", lambda: True)
     torch._dynamo.reset()
     model = Net()
     compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8, init="ema")))

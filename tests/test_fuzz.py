@@ -33,8 +33,9 @@ from torch import nn
 
 import velora_fx
 from velora_fx import VeloraConfig, ops
-from velora_fx.compile_backend import V_SUFFIX
 from velora_fx.report import COMPRESSED, SKIPPED
+
+from .helpers import directions
 
 THOROUGH = os.environ.get("VELORA_FX_HYPOTHESIS") == "thorough"
 MAX_EXAMPLES = 60 if THOROUGH else 6
@@ -278,14 +279,14 @@ def test_random_architecture_matches_default_backend_and_velora_formula(spec, se
     assert all(r_.status in (COMPRESSED, SKIPPED) and r_.reason for r_ in rep)
     compressed = {r_.weight for r_ in rep.compressed}
     assert compressed <= trainable
-    vs = {n: b for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(V_SUFFIX)}
+    vs = directions(model)
     for name in got:
         if name not in compressed:
             _close(got[name], want[name], name)  # exact: norms, biases, skipped weights
     for weight in compressed:
         lin_name = weight_of[weight]
         tap = taps[lin_name]
-        v = vs[weight + V_SUFFIX]
+        v = vs[weight]
         features = tap["x"].shape[-1]
         assert v.shape == (cfg.sub_token_size_for(features),)
         _close(v, ops.initial_direction(tap["x"], v.shape[0], weight), f"{weight} v")

@@ -23,18 +23,12 @@ transformers = pytest.importorskip("transformers")
 
 import velora_fx  # noqa: E402
 from velora_fx import VeloraConfig, ops  # noqa: E402
-from velora_fx.compile_backend import V_SUFFIX  # noqa: E402
 from velora_fx.report import COMPRESSED, SKIPPED  # noqa: E402
 
-from .test_backend import assert_close, grads, saved_bytes_step, v_buffers  # noqa: E402
+from .helpers import Run, assert_close, directions, grads, saved_bytes_step, state_keys  # noqa: E402
 
 HF_CFG = VeloraConfig(num_groups=8)  # small dims (32-64) still split
 BATCH, SEQ, VOCAB = 2, 16, 128
-
-
-class Run(types.SimpleNamespace):
-    def __repr__(self) -> str:
-        return f"Run({', '.join(self.__dict__)})"
 
 
 def hf_step(model, batch: dict, loss_fn):
@@ -69,11 +63,12 @@ def formula_dw(x, g, v, scale, out_by_in=True):
 
 
 def run_model(model: nn.Module, batch: dict, loss_fn, cfg: VeloraConfig = HF_CFG, capture: bool = False) -> Run:
-    """One training step of ``model`` compiled with velora_fx and of a deep copy compiled with the default backend."""
+    """One training step of ``model`` (prepared) compiled with velora_fx and of a deep copy compiled with the default
+    backend."""
     model.train()
     initial = copy.deepcopy(model)
     default_model = copy.deepcopy(model)
-    compiled = torch.compile(model, backend=velora_fx.make_backend(cfg))
+    compiled = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
     loss, nbytes = hf_step(compiled, batch, loss_fn)
     default_loss, default_bytes = hf_step(torch.compile(default_model), batch, loss_fn)
     seen = None
@@ -106,16 +101,17 @@ def check_against_default(run: Run, compressed_suffixes, skipped_suffixes=()):
         assert_close(got[n], ref[n], n)
     for n in compressed:  # VeLoRA changes these (the test can fail)
         assert not torch.allclose(got[n], ref[n], rtol=1e-2, atol=0), n
-    assert set(v_buffers(run.model)) >= {w + V_SUFFIX for w in compressed}
+    assert set(directions(run.model)) >= compressed
+    assert state_keys(run.model) == {f"velora_fx.{w}.v" for w in directions(run.model)}
     assert run.bytes < run.default_bytes, (run.bytes, run.default_bytes)
     return rep
 
 
 def check_formula(run: Run, names):
-    vs, got = v_buffers(run.model), grads(run.model)
+    vs, got = directions(run.model), grads(run.model)
     for name in names:
         rec = run.seen[name]
-        want = formula_dw(rec["x"], rec["g"], vs[name + V_SUFFIX], run.cfg.scale, rec["out_by_in"])
+        want = formula_dw(rec["x"], rec["g"], vs[name], run.cfg.scale, rec["out_by_in"])
         assert_close(got[name], want, name)
 
 
@@ -171,9 +167,9 @@ def test_llama_gradient_checkpointing_enable(llama):
     model = copy.deepcopy(llama.initial)
     model.gradient_checkpointing_enable()
     model.train()
+    velora_fx.prepare(model).load_state_dict({"velora_fx.lm_head.weight.v": directions(llama.model)["lm_head.weight"]},
+                                             strict=False)  # fmt: skip
     compiled = torch.compile(model, backend=velora_fx.make_backend(HF_CFG))
-    velora_fx.load_state_dict(compiled, {"lm_head.weight" + V_SUFFIX: v_buffers(llama.model)["lm_head.weight" + V_SUFFIX]},
-                              strict=False)  # fmt: skip
     loss, _ = hf_step(compiled, llama.batch, causal_lm_loss)
     assert_close(loss, llama.loss, "loss")
     rep = velora_fx.report(model)
@@ -220,7 +216,7 @@ def test_gpt2_compressed_dw_equals_formula(gpt2):
     assert len(conv1d) == 3
     check_formula(gpt2, conv1d)
     wte = "transformer.wte.weight"
-    rec, v = gpt2.seen[wte], v_buffers(gpt2.model)[wte + V_SUFFIX]
+    rec, v = gpt2.seen[wte], directions(gpt2.model)[wte]
     head_exact = (rec["g"].reshape(-1, VOCAB).t() @ rec["x"].reshape(-1, 64))
     embedding_part = grads(gpt2.default_model)[wte] - head_exact
     assert_close(grads(gpt2.model)[wte], embedding_part + formula_dw(rec["x"], rec["g"], v, 1.0), wte)
@@ -345,7 +341,7 @@ def test_lora_frozen_base_weights_untouched(lora_dropout):
     assert frozen and not any(r.weight in frozen and r.status == COMPRESSED for r in rep)
     # frozen weights need no dW: no v buffer, and absent from the report (or skipped)
     for name in frozen:
-        assert name + V_SUFFIX not in dict(model.named_buffers(remove_duplicate=False))
+        assert name not in velora_fx.projections(model)
         assert all(r.status == SKIPPED for r in rep if r.weight == name)
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
 
@@ -389,11 +385,11 @@ def test_lora_without_dropout_matches_peft_velora(lora_base):
 
     velora_cfg = peft.VeloraConfig(num_groups=8, scale=1.0, init_type="batch_average_once")
     ref = _lora_model(lora_base, 0.0, velora=velora_cfg)
-    ref.load_state_dict(ref_base.state_dict(), strict=False)  # the same LoRA weights
-    vs = v_buffers(model)
+    ref.load_state_dict(ref_base.state_dict(), strict=False)  # the same LoRA weights (ref_base: before prepare)
+    vs = directions(model)
     for name, mod in ref.named_modules():
         if hasattr(mod, "lora_velora_embed"):
-            v = vs[f"{name}.lora_A.default.weight{V_SUFFIX}"]
+            v = vs[f"{name}.lora_A.default.weight"]
             mod.lora_velora_embed["default"] = v.clone()
             mod.lora_velora_initialized["default"] = True
     ref.train()

@@ -19,11 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 import velora_fx
 from velora_fx import VeloraConfig
-from velora_fx.compile_backend import V_SUFFIX
 from velora_fx.report import COMPRESSED
 
 from .backend_models import LlamaStack, SwiGLU, TinyMLP
-from .test_backend import assert_close, capture_linears, grads, patched_with_velora_linear, saved_bytes_step, v_buffers
+from .helpers import Run, assert_close, capture_linears, directions, grads, patched_with_velora_linear, saved_bytes_step
 
 CFG = VeloraConfig(num_groups=8)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
@@ -34,11 +33,6 @@ def _fresh_dynamo():
     """TinyMLP is compiled by many backends in this session: start this module below Dynamo's recompile limit
     (past it Dynamo runs the frame eagerly, without any backend)."""
     torch._dynamo.reset()
-
-
-class Run(types.SimpleNamespace):
-    def __repr__(self) -> str:
-        return f"Run({', '.join(self.__dict__)})"
 
 
 def _close_bf16(a, b, what):
@@ -106,8 +100,7 @@ def test_autocast_projections_in_activation_dtype(autocast_run):
     vs = [dt for shape, dt in autocast_run.saved if _is_vector(shape) and max(shape) in sizes]  # v as a row / column
     assert vs and all(dt == torch.bfloat16 for dt in vs), autocast_run.saved
     assert _nbytes(autocast_run.saved) < _nbytes(autocast_run.default_saved)
-    buffers = autocast_run.model.named_buffers(remove_duplicate=False)
-    assert all(b.dtype == torch.float32 for n, b in buffers if n.endswith(V_SUFFIX))
+    assert all(p.basis.dtype == torch.float32 for p in velora_fx.projections(autocast_run.model).values())
 
 
 def _is_vector(shape) -> bool:
@@ -115,11 +108,11 @@ def _is_vector(shape) -> bool:
 
 
 def test_autocast_dw_equals_formula_bf16_tolerance(autocast_run):
-    vs, got = v_buffers(autocast_run.model), grads(autocast_run.model)
+    vs, got = directions(autocast_run.model), grads(autocast_run.model)
     for r in velora_fx.report(autocast_run.model).compressed:
         rec = autocast_run.seen[r.weight.rsplit(".", 1)[0]]
         x = rec["x"].to(torch.bfloat16).double()  # autocast casts the linear's input to bf16
-        v = vs[r.weight + V_SUFFIX].double()
+        v = vs[r.weight].double()
         x_hat = velora_fx.reconstruct(velora_fx.project(x, v), v, x.shape[-1]).reshape(-1, x.shape[-1])
         want = rec["g"].double().reshape(-1, rec["g"].shape[-1]).t() @ x_hat
         _close_bf16(got[r.weight], want, r.weight)
@@ -175,7 +168,7 @@ def test_activation_checkpointing_inside_compiled_model():
     for r in rep.skipped:
         assert r.weight.startswith("mlp.") and "activation checkpointing" in r.reason, r
     # every gradient equals velora_linear's with the same v (head) and the exact one (the rest)
-    ref = patched_with_velora_linear(initial, v_buffers(model), CFG.scale)
+    ref = patched_with_velora_linear(initial, directions(model), CFG.scale)
     ref_loss, _ = saved_bytes_step(ref, x)
     assert_close(loss, ref_loss, "loss vs velora_linear")
     got, want, exact = grads(model), grads(ref), grads(default_model)
@@ -210,7 +203,7 @@ def trajectory():
             (compiled(x).pow(2).mean() / len(micro)).backward()
         if step == 0:
             first_grads = grads(model)
-        vs_history.append(v_buffers(model))
+        vs_history.append(directions(model))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -256,7 +249,7 @@ def test_train_eval_toggle_and_no_grad(trajectory):
     x = torch.randn(2, 5, 32)
     plain = copy.deepcopy(model)  # eager, same weights: the exact outputs
     want = plain.eval()(x)
-    vs = v_buffers(model)
+    vs = directions(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -268,7 +261,7 @@ def test_train_eval_toggle_and_no_grad(trajectory):
         model.train()
     loss = compiled(x).pow(2).mean()  # back to training: still the same v, still compressed
     loss.backward()
-    assert all(torch.equal(vs[k], b) for k, b in v_buffers(model).items())
+    assert all(torch.equal(vs[k], b) for k, b in directions(model).items())
     assert {r.weight for r in velora_fx.report(model).compressed} == {"fc1.weight", "fc2.weight"}
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), plain.eval()(x), rtol=1e-5, atol=1e-6)

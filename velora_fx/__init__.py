@@ -4,27 +4,30 @@ Keep, for the weight gradient of each large linear-layer input, only the
 projections of its sub-tokens on one fixed unit vector, without changing
 model code::
 
-    gm = velora_fx.transform(torch.fx.symbolic_trace(model), velora_fx.VeloraConfig())
-    print(velora_fx.report(gm))
+    model = velora_fx.prepare(model)                                   # its state lives in model.state_dict()
+    model = torch.compile(model, backend=velora_fx.backend)            # the compile backend
+    gm = velora_fx.transform(torch.fx.symbolic_trace(model))           # or the FX route, for eager training
+    print(velora_fx.report(model))
 """
 
 from .config import INIT_MODES, VeloraConfig
-from .fx import calibrate, projections, transform
+from .state import Projection, prepare, projections
+from .fx import calibrate, transform
 from .ops import project, reconstruct, velora_linear
-from .projection import VeloraProjection
 from .report import Report, SiteRecord, report
-from .compile_backend import backend, load_state_dict, make_backend
+from .compile_backend import backend, make_backend
 
 __all__ = [
     "INIT_MODES",
-    "VeloraConfig",
-    "VeloraProjection",
+    "Projection",
     "Report",
     "SiteRecord",
+    "VeloraConfig",
     "backend",
     "calibrate",
     "load_state_dict",
     "make_backend",
+    "prepare",
     "project",
     "projections",
     "reconstruct",
@@ -32,4 +35,17 @@ __all__ = [
     "transform",
     "velora_linear",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def load_state_dict(model, state_dict, strict: bool = True):
+    """``prepare(model)``, then ``model.load_state_dict(state_dict, strict)``: resume a model trained with velora_fx.
+
+    Reads checkpoints of velora_fx 0.1 too (``<weight>_velora_v`` buffers).
+
+    Example::
+
+        >>> velora_fx.load_state_dict(MyModel(), torch.load("ckpt.pt"))   # doctest: +SKIP
+    """
+    model = getattr(model, "_orig_mod", model)
+    return prepare(model).load_state_dict(state_dict, strict=strict)

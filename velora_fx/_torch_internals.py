@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -34,6 +35,12 @@ __all__ = [
     "stable_topological_sort",
     "compile_caches",
     "aot_cache_hits",
+    "JointLayout",
+    "joint_layout",
+    "snapshot_graph",
+    "restore_graph",
+    "with_joint_pre_pass",
+    "memory_budget_patch",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -211,3 +218,87 @@ def aot_cache_hits() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["aot_autograd"]["autograd_cache_hit"])
+
+
+# -- the joint graph, as AOTAutograd describes it -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class JointLayout:
+    """Which placeholders of a joint graph are the inputs, and which outputs are their gradients.
+
+    Read from the descriptors AOTAutograd puts on the placeholders and the
+    output (``node.meta["desc"]``), never inferred from names or positions.
+    """
+
+    input_index: dict[torch.fx.Node, int]  # placeholder -> position among the compiled graph's inputs
+    grad_of_input: dict[int, Optional[torch.fx.Node]]  # input position -> its gradient output (None: no gradient)
+    input_of_grad_output: dict[int, int]  # output position -> the input it is the gradient of
+    forward_outputs: list[Any]  # the outputs that are not gradients
+
+
+def joint_layout(graph: torch.fx.Graph) -> JointLayout:
+    """The ``JointLayout`` of AOTAutograd's joint graph; ``ValueError`` when its descriptors are missing."""
+    from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, TangentAOTInput
+
+    input_index: dict[torch.fx.Node, int] = {}
+    for node in graph.find_nodes(op="placeholder"):
+        desc = node.meta.get("desc")
+        if desc is None:
+            raise ValueError(f"the joint graph input {node.name} has no AOTAutograd descriptor")
+        if isinstance(desc, PlainAOTInput):
+            input_index[node] = desc.idx
+        elif not isinstance(desc, TangentAOTInput):
+            raise ValueError(f"the joint graph input {node.name} is {desc}, not a plain input or a tangent")
+    output = graph.output_node()
+    descs = output.meta.get("desc")
+    outs = list(output.args[0])
+    if descs is None or len(descs) != len(outs):
+        raise ValueError("the joint graph output has no AOTAutograd descriptors")
+    layout = JointLayout(input_index, {}, {}, [])
+    for i, (value, desc) in enumerate(zip(outs, descs)):
+        if isinstance(desc, GradAOTOutput):
+            if not isinstance(desc.grad_of, PlainAOTInput):
+                raise ValueError(f"output {i} is the gradient of {desc.grad_of}, not of a plain input")
+            layout.grad_of_input[desc.grad_of.idx] = value
+            layout.input_of_grad_output[i] = desc.grad_of.idx
+        elif desc is not None:
+            layout.forward_outputs.append(value)
+    return layout
+
+
+def snapshot_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` (nodes and their ``meta``, shallowly) that ``restore_graph`` can put back."""
+    copy_ = torch.fx.Graph()
+    copy_.output(copy_.graph_copy(graph, {})).meta = dict(graph.output_node().meta)
+    return copy_
+
+
+def restore_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
+    """Make ``graph`` (in place: the object Inductor holds) the graph ``snapshot`` was taken of."""
+    for node in reversed(list(graph.nodes)):  # users before what they use
+        graph.erase_node(node)
+    graph.output(graph.graph_copy(snapshot, {})).meta = dict(snapshot.output_node().meta)
+
+
+def with_joint_pre_pass(ours: Any) -> dict[str, Any]:
+    """Inductor config patches that run ``ours`` first among the joint-graph pre-passes, keeping the user's."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import custom_graph_pass
+
+    theirs = inductor_config.joint_custom_pre_pass
+    if theirs is None:
+        return {"joint_custom_pre_pass": ours}
+    if not hasattr(custom_graph_pass, "get_custom_graph_passes"):
+        raise RuntimeError("velora_fx: this torch takes one joint_custom_pre_pass; unset yours to use velora_fx")
+    existing = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs]
+    return {"joint_custom_pre_pass": [ours, *existing]}
+
+
+def memory_budget_patch(budget: Optional[float]) -> contextlib.AbstractContextManager:
+    """``torch._functorch.config.activation_memory_budget`` set for one compile (nothing when ``None``)."""
+    import torch._functorch.config as functorch_config
+
+    if budget is None:
+        return contextlib.nullcontext()
+    return functorch_config.patch(activation_memory_budget=budget)

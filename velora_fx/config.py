@@ -68,6 +68,13 @@ class VeloraConfig:
             paper's value-and-down-projection policy.
         exclude: glob patterns; matching weights stay exact (wins over
             ``include``).
+        memory_budget: the min-cut partitioner's activation memory budget
+            (``torch._functorch.config.activation_memory_budget``) for the
+            graphs this backend compiles, in ``(0, 1]``: the fraction of the
+            bytes the default partition keeps for backward that the
+            partitioner may keep, recomputing the rest in backward (``None``:
+            torch's setting, 1.0 by default: recompute only what is free).
+            Scoped to velora_fx's compiles and part of the compile-cache key.
 
     Example::
 
@@ -87,6 +94,7 @@ class VeloraConfig:
     min_saved_bytes: int = 0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    memory_budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.num_groups is not None and self.sub_token_size is not None:
@@ -110,6 +118,15 @@ class VeloraConfig:
             raise ValueError(f"VeloraConfig.scale must be a finite number, got {self.scale!r}")
         if isinstance(self.min_saved_bytes, bool) or not isinstance(self.min_saved_bytes, int) or self.min_saved_bytes < 0:
             raise ValueError(f"VeloraConfig.min_saved_bytes must be an int >= 0, got {self.min_saved_bytes!r}")
+        if self.memory_budget is not None:
+            if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, (int, float)) or not (
+                0.0 < self.memory_budget <= 1.0
+            ):
+                raise ValueError(
+                    f"VeloraConfig.memory_budget must be None or a number in (0, 1] (the fraction of the default "
+                    f"partition's saved bytes the partitioner may keep), got {self.memory_budget!r}"
+                )
+            object.__setattr__(self, "memory_budget", float(self.memory_budget))
         object.__setattr__(self, "include", _as_patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
         object.__setattr__(self, "scale", float(self.scale))

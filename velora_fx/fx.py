@@ -1,32 +1,114 @@
-"""The FX route: ``transform`` a GraphModule and ``calibrate`` its projection directions."""
+"""The FX route: ``transform`` a GraphModule, ``calibrate`` it, and the two ops its rewritten graph calls.
+
+``passes/fx_linear.py`` rewrites the graph; what runs at training time is
+here: ``project`` (once per compressed input) and ``linear`` (once per site).
+Both read the model's ``ProjectionState`` (NOTE [the state model] in
+``state.py``). The rule of both routes: a site compresses whenever autograd
+records its weight's gradient (grad mode on, the weight requiring grad), in
+``train()`` and ``eval()`` alike; under ``no_grad`` / ``inference_mode`` it
+is the plain op and does no projection work.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from velora_fx.passes import fx_linear
 
+from . import ops
 from .config import VeloraConfig
-from .projection import VeloraProjection, calibrating
-from .report import Report, attach_records, report
+from .report import Report, SiteRecord, report
+from .state import CONTAINER, ProjectionState, prepare
 
-__all__ = ["transform", "calibrate"]
+__all__ = ["transform", "calibrate", "project", "linear"]
+
+log = logging.getLogger(__name__)
+
+# Set by ``calibrating()``: ``project`` calibrates even outside a training step.
+_forced_calibration = False
+
+
+@contextlib.contextmanager
+def calibrating() -> Iterator[None]:
+    """Within this context every uncalibrated projection calibrates on the next input it sees."""
+    global _forced_calibration
+    previous, _forced_calibration = _forced_calibration, True
+    try:
+        yield
+    finally:
+        _forced_calibration = previous
+
+
+def _plain(x, weight, bias, weight_is_out_by_in: bool) -> torch.Tensor:
+    return F.linear(x, weight if weight_is_out_by_in else weight.t(), bias)
+
+
+@torch.compiler.disable(reason="velora_fx calibrates a projection eagerly on its first training batch; call "
+                        "velora_fx.calibrate(model, batch) before compiling with fullgraph=True")  # fmt: skip
+def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) -> None:
+    entry = state.get(name)
+    d = entry.basis.shape[0]
+    entry.set_basis(ops.initial_direction(x, d, f"weight {name!r} (graph node {site!r})"))
+    log.debug("velora_fx: calibrated the projection of %s from a %s input at %s", name, tuple(x.shape), site)
+
+
+def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, name: str, site: str) -> Optional[torch.Tensor]:
+    """``p`` of the input ``x`` of the weights sharing ``name``'s basis, or ``None`` when nothing is to be kept."""
+    forced = _forced_calibration
+    if not (x.is_floating_point() and x.numel() > 0 and weight.requires_grad):
+        return None
+    if not (torch.is_grad_enabled() or forced):
+        return None
+    cfg = state.config
+    if x.numel() * x.element_size() < cfg.min_saved_bytes:
+        return None
+    entry = state.get(name)
+    if not entry.calibrated:
+        _calibrate(state, name, x, site)
+    basis = entry.basis
+    if cfg.init in ("batch_average", "ema") and not forced:
+        with torch.no_grad():
+            basis = ops.refreshed_direction(basis, x, cfg.ema_decay if cfg.init == "ema" else None)
+            entry.basis.copy_(basis)
+    if not torch.is_grad_enabled():
+        return None  # a calibration-only call
+    return ops.projected_input(x, basis)
+
+
+def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], weight: torch.Tensor,
+           bias: Optional[torch.Tensor], *, name: str, site: str, weight_is_out_by_in: bool) -> torch.Tensor:  # fmt: skip
+    """One site: the plain op, keeping ``p`` instead of ``x`` for ``dW`` when ``p`` is given."""
+    training = torch.is_grad_enabled() and weight.requires_grad and x.is_floating_point() and x.numel() > 0
+    if (training or _forced_calibration) and site not in state.fx_inputs and not torch.compiler.is_compiling():
+        basis = state.get(name).basis
+        kept = x.numel() * x.element_size() >= state.config.min_saved_bytes
+        state.fx_inputs[site] = (tuple(x.shape), x.dtype, (basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]),
+                                 kept)  # fmt: skip
+    if p is None or not training:
+        return _plain(x, weight, bias, weight_is_out_by_in)
+    return ops.VeloraLinearFunction.apply(x, p, weight, bias, state.get(name).basis, state.config.scale,
+                                          weight_is_out_by_in)  # fmt: skip
 
 
 def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.GraphModule:
-    """Rewrite ``gm`` in place so that training it keeps only VeLoRA projections for ``dW``.
+    """Rewrite ``gm`` in place so that training it keeps only projections for ``dW``.
 
     Every ``nn.Linear``, ``F.linear`` and ``x @ W`` / ``x @ W.t()`` of a
-    trainable 2-D parameter becomes a call of a ``VeloraProjection`` (one per
-    weight, under ``gm.velora_fx``; its ``v`` is a persistent buffer, so
-    ``state_dict()`` carries it). Everything else, and every site the config
-    rules out, stays exact; ``velora_fx.report(gm)`` lists each decision. The
-    first training forward calibrates every ``v`` not calibrated yet (or call
-    ``velora_fx.calibrate``); ``eval()`` / ``no_grad`` run the plain ops.
-    Transforming twice changes nothing the second time.
+    trainable 2-D parameter becomes a call of ``velora_fx.fx.linear``, and
+    each input they read one ``velora_fx.fx.project``. The projections live in
+    ``gm.velora_fx`` (``velora_fx.prepare``), so ``gm.state_dict()`` carries
+    them as ``velora_fx.<weight>.v``, as for the compile backend. Everything
+    else, and every site the config rules out, stays exact;
+    ``velora_fx.report(gm)`` lists each decision. The first training forward
+    calibrates every projection not calibrated yet (or call
+    ``velora_fx.calibrate``). Transforming twice changes nothing the second time.
 
     Args:
         gm: a GraphModule at the ``torch.nn`` level, e.g. ``torch.fx.symbolic_trace(model)``.
@@ -50,27 +132,35 @@ def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.G
     config = VeloraConfig() if config is None else config
     if not isinstance(config, VeloraConfig):
         raise TypeError(f"velora_fx.transform: config must be a VeloraConfig, got {type(config).__name__}")
+    state = gm._modules.get(CONTAINER)
+    if isinstance(state, ProjectionState) and state.config is not None and state.config != config:
+        raise ValueError(
+            f"velora_fx.transform: this GraphModule was already transformed with {state.config}; transforming it "
+            f"again with {config} would mix two configs. Transform a fresh trace of the model instead."
+        )
+    prepare(gm, config)
     fx_linear.velora_linear_pass(gm, config)
-    if not any(p is _fx_records for p in gm.__dict__.get("_velora_fx_records", [])):
-        attach_records(gm, _fx_records.__get__(gm))
     return gm
 
 
-def _fx_records(gm: fx.GraphModule):
-    return fx_linear.records(gm)
-
-
-def projections(module: nn.Module) -> dict[str, VeloraProjection]:
-    """The ``VeloraProjection`` modules of ``module`` by qualified name."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, VeloraProjection)}
+def records(obj: Any) -> list[SiteRecord]:
+    """The FX-route records of every transformed GraphModule in ``obj``, named as in ``obj``."""
+    if not isinstance(obj, nn.Module):
+        return []
+    out = []
+    for path, module in obj.named_modules():
+        if isinstance(module, fx.GraphModule) and isinstance(module._modules.get(CONTAINER), ProjectionState):
+            prefix = f"{path}." if path else ""
+            out.extend(dataclasses.replace(r, weight=prefix + r.weight) for r in fx_linear.records(module))
+    return out
 
 
 def calibrate(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Report:
-    """Calibrate every uncalibrated ``v`` of a transformed ``module`` from one batch, explicitly.
+    """Calibrate every uncalibrated projection of a transformed ``module`` from one batch, explicitly.
 
     Runs one forward under ``torch.no_grad()`` (nothing is kept for backward)
     with the RNG state restored afterwards, so that calibrating does not
-    change the random stream of training. Already-calibrated directions (e.g.
+    change the random stream of training. Already-calibrated projections (e.g.
     loaded from a checkpoint) are left alone.
 
     Returns:
@@ -82,9 +172,9 @@ def calibrate(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) ->
         >>> velora_fx.calibrate(gm, first_batch)                       # doctest: +SKIP
         >>> compiled = torch.compile(gm, fullgraph=True)               # doctest: +SKIP
     """
-    if not projections(module):
+    if not records(module):
         raise ValueError(
-            f"velora_fx.calibrate: {type(module).__name__} has no VeloraProjection; "
+            f"velora_fx.calibrate: {type(module).__name__} has no site rewritten by velora_fx.transform; "
             "run velora_fx.transform on it first (or nothing in it was compressed: see velora_fx.report)"
         )
     with torch.random.fork_rng(devices=[]), torch.no_grad(), calibrating():

@@ -1,23 +1,26 @@
-"""What runs at training time: compress / reconstruct, choosing ``v``, and the VeLoRA linear op.
+"""What runs at training time: projecting, reconstructing, choosing the basis, and the VeLoRA linear op.
 
 NOTE [VeLoRA weight gradient]
 For ``y = x Wᵀ + b`` with ``x`` of shape ``(..., D)``, autograd keeps ``x``
-only to form ``dW = gᵀ x`` (``g = dy``, leading dims flattened). VeLoRA
+only to form ``dW = gᵀ x`` (``g = dy``, leading dims flattened). velora_fx
 splits every token into ``n = ceil(D / d)`` sub-tokens of size ``d`` (the
-last one zero-padded when ``d`` does not divide ``D``) and keeps one scalar
-per sub-token, its projection on a unit vector ``v`` of size ``d``::
+last one zero-padded when ``d`` does not divide ``D``) and keeps, per
+sub-token, its ``r`` coordinates in a basis ``B`` of shape ``(d, r)``::
 
-    p  = z @ v                    z = pad(x).view(..., n, d)      (kept: n per token)
-    x̂  = (p[..., None] * v).view(..., n * d)[..., :D]            (rebuilt in backward)
+    p  = z @ B                    z = pad(x).view(..., n, d)      (kept: n·r per token)
+    x̂  = (p @ Bᵀ).view(..., n * d)[..., :D]                      (never built)
     dW ≈ scale · gᵀ x̂             dx = g W, db = Σ g              (exact)
 
-Backward never builds ``x̂``: ``dŴ[o, j·d + i] = Σ_t g[t, o] p[t, j] v[i]``, i.e.
-``dŴ.view(out, n, d) = (gᵀ p)[..., None] * v`` — an ``(out × N × n)`` matmul
-instead of ``(out × N × D)``, ``d`` times fewer flops, and no ``N × D`` temporary.
+VeLoRA is ``r = 1``, ``B = v`` a unit vector, ``d = D / num_groups``. The
+token-level estimators of ``VeloraConfig.estimator`` are ``d = D`` (one
+sub-token), ``r`` = the rank. Backward never builds ``x̂``:
+``dŴ.view(out, n, d) = (gᵀ p).view(out, n, r) @ Bᵀ`` — an ``(out × N × n·r)``
+matmul instead of ``(out × N × D)``, and no ``N × D`` temporary.
 
-``x̂ = x P`` with ``P = blockdiag(v vᵀ, ...)``, so ``dŴ = dW P``: every row of
-``dŴ`` viewed as ``(n, d)`` is a multiple of ``v`` in each block. When every
-sub-token of ``x`` is a multiple of ``v``, ``x̂ = x`` and ``dŴ`` is exact.
+``x̂ = x P`` with ``P = blockdiag(B Bᵀ, ...)``, so ``dŴ = dW P``. For VeLoRA
+and the principal basis, ``P`` is an orthogonal projection: ``dŴ`` is ``dW``
+projected on a subspace (a bias). For a random ``B`` with ``E[B Bᵀ] = I``,
+``E[dŴ] = dW``: unbiased.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "project",
     "reconstruct",
+    "weight_grad",
     "sub_token_mean",
     "initial_direction",
     "direction_from_mean",
@@ -49,6 +53,11 @@ def _num_sub_tokens(features: int, d: int) -> int:
     return -(-features // d)
 
 
+def _as_basis(basis: torch.Tensor) -> torch.Tensor:
+    """A ``(d,)`` direction as the ``(d, 1)`` basis it is."""
+    return basis.unsqueeze(-1) if basis.dim() == 1 else basis
+
+
 def _sub_tokens(x: torch.Tensor, d: int) -> torch.Tensor:
     """``x`` of shape ``(..., D)`` as ``(..., n, d)``, zero-padding the last sub-token."""
     features = x.shape[-1]
@@ -58,8 +67,10 @@ def _sub_tokens(x: torch.Tensor, d: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n, d)
 
 
-def project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Projections ``p`` of the sub-tokens of ``x`` on ``v``: shape ``(..., ceil(D / d))``, dtype of ``x``.
+def project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Coordinates ``p`` of the sub-tokens of ``x`` in ``basis``: shape ``(..., n·r)``, dtype of ``x``.
+
+    ``basis`` is a ``(d,)`` direction (VeLoRA: ``p`` is ``(..., n)``) or a ``(d, r)`` basis.
 
     Example::
 
@@ -67,11 +78,12 @@ def project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         >>> project(torch.tensor([[1.0, 2.0, 3.0]]), v)   # sub-tokens [1, 2], [3, 0]
         tensor([[1., 3.]])
     """
-    return torch.matmul(_sub_tokens(x, v.shape[0]), v.to(x.dtype))
+    b = _as_basis(basis)
+    return torch.matmul(_sub_tokens(x, b.shape[0]), b.to(x.dtype)).flatten(-2)
 
 
-def reconstruct(p: torch.Tensor, v: torch.Tensor, features: int) -> torch.Tensor:
-    """The coarse input ``x̂`` of shape ``(..., features)`` rebuilt from ``p = project(x, v)``.
+def reconstruct(p: torch.Tensor, basis: torch.Tensor, features: int) -> torch.Tensor:
+    """The coarse input ``x̂`` of shape ``(..., features)`` rebuilt from ``p = project(x, basis)``.
 
     Example::
 
@@ -79,8 +91,20 @@ def reconstruct(p: torch.Tensor, v: torch.Tensor, features: int) -> torch.Tensor
         >>> reconstruct(torch.tensor([[1.0, 3.0]]), v, 3)
         tensor([[1., 0., 3.]])
     """
-    x_hat = (p.unsqueeze(-1) * v.to(p.dtype)).flatten(-2)
+    b = _as_basis(basis).to(p.dtype)
+    r = b.shape[1]
+    x_hat = (p.unflatten(-1, (-1, r)) @ b.t()).flatten(-2)
     return x_hat if x_hat.shape[-1] == features else x_hat[..., :features]
+
+
+def weight_grad(g: torch.Tensor, p: torch.Tensor, basis: torch.Tensor, features: int) -> torch.Tensor:
+    """``gᵀ x̂`` of shape ``(out, features)`` from ``g`` ``(N, out)`` and ``p`` ``(N, n·r)``, without building ``x̂``."""
+    b = _as_basis(basis).to(g.dtype)
+    d, r = b.shape
+    out = g.shape[-1]
+    gp = g.t().mm(p.to(g.dtype))  # (out, n·r)
+    dw = (gp.view(out, -1, r) @ b.t()).reshape(out, -1)  # (out, n·d)
+    return dw if dw.shape[1] == features else dw[:, :features]
 
 
 def sub_token_mean(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -142,9 +166,17 @@ def refreshed_direction(v: torch.Tensor, x: torch.Tensor, ema_decay: Optional[fl
     return torch.where(ok, new, v.float()).to(v.dtype)
 
 
+def seed_for(seed: int, name: str, *salt: int) -> int:
+    """A 63-bit seed from the config's ``seed``, a weight's name and optional integers (e.g. a re-seed count)."""
+    h = seed * 1_000_003 + zlib.crc32(name.encode())
+    for s in salt:
+        h = h * 1_000_003 + s
+    return h % 2**63
+
+
 def random_direction(d: int, seed: int, name: str) -> torch.Tensor:
     """A seeded Gaussian unit vector (float32, CPU), reproducible from ``seed`` and the weight's ``name``."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    generator = torch.Generator().manual_seed(seed_for(seed, name))
     v = torch.randn(d, generator=generator, dtype=torch.float64)
     return (v / v.norm()).float()
 
@@ -157,26 +189,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class VeloraLinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ + b`` (``transposed=False``: ``y = x W + b``) keeping only ``project(x, v)`` for ``dW``.
+def projected_input(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``p`` as a site keeps it: ``project(x, basis)`` in the dtype the matmul runs in, outside autograd."""
+    with torch.no_grad():
+        return project(x.detach().to(_compute_dtype(x)), basis)
 
-    See NOTE [VeLoRA weight gradient]. An ``autograd.Function`` rather than a
-    ``custom_op`` so that Dynamo traces through it and the partitioner can
-    still fuse or recompute the projection (see DESIGN.md).
+
+class VeloraLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b`` (``weight_is_out_by_in=False``: ``y = x W + b``) keeping ``p`` instead of ``x`` for ``dW``.
+
+    ``p = projected_input(x, basis)`` is computed by the caller, so that
+    several weights reading one ``x`` keep one ``p`` (the same tensor object:
+    autograd saves its storage once). See NOTE [VeLoRA weight gradient]. An
+    ``autograd.Function`` rather than a ``custom_op`` so that Dynamo traces
+    through it and the partitioner can still fuse or recompute the projection.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, v, scale: float, weight_is_out_by_in: bool):
+    def forward(ctx, x, p, weight, bias, basis, scale: float, weight_is_out_by_in: bool):
         dtype = _compute_dtype(x)
         x_c, w_c = x.to(dtype), weight.to(dtype)
         w_lin = w_c if weight_is_out_by_in else w_c.t()
         y = F.linear(x_c, w_lin, None if bias is None else bias.to(dtype))
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(
-            project(x_c, v) if needs_w else None,
-            w_lin if needs_x else None,
-            v if needs_w else None,
-        )
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        ctx.save_for_backward(p if needs_w else None, w_lin if needs_x else None, basis if needs_w else None)
         ctx.scale = scale
         ctx.weight_is_out_by_in = weight_is_out_by_in
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -190,30 +226,24 @@ class VeloraLinearFunction(torch.autograd.Function):
             # create_graph=True: a derivative of the approximate dW would be silently wrong.
             raise RuntimeError(
                 "velora_fx: double backward (create_graph=True) through a VeLoRA-compressed matmul is not "
-                "supported: its weight gradient is an approximation with no exact derivative. Run this step "
-                "with the model in eval() mode (exact ops), or exclude the layer (VeloraConfig(exclude=...))."
+                "supported: its weight gradient is an approximation with no exact derivative. Exclude the layer "
+                "(VeloraConfig(exclude=...)) or run this step on the model before velora_fx.transform."
             )
-        p, w_lin, v = ctx.saved_tensors
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        p, w_lin, basis = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dx = dw = db = None
         out_features = grad_out.shape[-1]
         if needs_x:
             dx = torch.matmul(grad_out, w_lin.to(grad_out.dtype)).to(ctx.x_dtype)
         if needs_w:
-            # dŴ = gᵀ x̂ without rebuilding x̂: see NOTE [VeLoRA weight gradient].
             g = grad_out.reshape(-1, out_features)
-            n, d = p.shape[-1], v.shape[0]
-            p2, vv = p.reshape(-1, n).to(g.dtype), v.to(g.dtype)
-            if ctx.weight_is_out_by_in:
-                dw = (g.t().mm(p2).unsqueeze(-1) * vv).reshape(out_features, n * d)[:, : ctx.features]
-            else:
-                dw = (p2.t().mm(g).unsqueeze(1) * vv[:, None]).reshape(n * d, out_features)[: ctx.features]
+            dw = weight_grad(g, p.reshape(g.shape[0], -1), basis, ctx.features)
             if ctx.scale != 1.0:
                 dw = dw * ctx.scale
-            dw = dw.to(ctx.w_dtype).contiguous()
+            dw = (dw if ctx.weight_is_out_by_in else dw.t()).to(ctx.w_dtype).contiguous()
         if needs_b:
             db = grad_out.reshape(-1, out_features).sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None
+        return dx, None, dw, db, None, None, None
 
 
 def velora_linear(
@@ -230,7 +260,7 @@ def velora_linear(
         x: input of shape ``(..., D)``, any number of leading dims.
         weight: ``(out, D)`` when ``weight_is_out_by_in`` (``nn.Linear``), else ``(D, out)`` (``x @ W``).
         bias: ``(out,)`` or ``None``.
-        v: unit vector of size ``d`` (the sub-token size).
+        v: the basis: a unit vector of size ``d`` (VeLoRA), or a ``(d, r)`` basis.
         scale: factor on the approximate ``dW`` only.
 
     Returns:
@@ -246,6 +276,7 @@ def velora_linear(
         >>> velora_linear(x, lin.weight, lin.bias, v).sum().backward()
     """
     if torch.is_grad_enabled() and weight.requires_grad:
-        return VeloraLinearFunction.apply(x, weight, bias, v, float(scale), weight_is_out_by_in)
+        p = projected_input(x, v)
+        return VeloraLinearFunction.apply(x, p, weight, bias, v, float(scale), weight_is_out_by_in)
     w_lin = weight if weight_is_out_by_in else weight.t()
     return F.linear(x, w_lin, bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -12,10 +12,6 @@ __all__ = ["SiteRecord", "Report", "report", "COMPRESSED", "SKIPPED"]
 
 COMPRESSED = "compressed"
 SKIPPED = "skipped"
-
-# Objects that carry reports set this attribute to a callable returning their records.
-_RECORDS_ATTR = "_velora_fx_records"
-
 
 @dataclass(frozen=True)
 class SiteRecord:
@@ -48,18 +44,20 @@ class SiteRecord:
         return dataclasses.asdict(self)
 
 
-def kept_bytes(shape: Sequence[int], dtype: torch.dtype, sub_token_size: Optional[int]) -> tuple[int, int]:
-    """Bytes an input of ``shape`` keeps for backward: exact, and with VeLoRA at ``sub_token_size``."""
+def kept_bytes(shape: Sequence[int], dtype: torch.dtype, basis: Union[None, int, tuple[int, int]]) -> tuple[int, int]:
+    """Bytes an input of ``shape`` keeps for backward: exact, and projected on a basis of shape ``(d, r)`` (an int:
+    ``(d, 1)``, VeLoRA's sub-token size)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = 1
     for s in shape:
         numel *= int(s)
     before = numel * itemsize
-    if sub_token_size is None:
+    if basis is None:
         return before, before
+    d, r = (basis, 1) if isinstance(basis, int) else basis
     features = int(shape[-1]) if len(shape) else 1
     tokens = numel // features if features else 0
-    return before, tokens * (-(-features // sub_token_size)) * itemsize
+    return before, tokens * (-(-features // d)) * r * itemsize
 
 
 def _fmt_bytes(n: Optional[int]) -> str:
@@ -137,19 +135,19 @@ class Report(tuple):
         return f"Report({len(self)} sites: {len(self.compressed)} compressed, saved {_fmt_bytes(self.bytes_saved)})"
 
 
-def attach_records(obj: Any, provider) -> None:
-    """Make ``report(obj)`` include ``provider()``'s records (several providers are concatenated)."""
-    providers = obj.__dict__.setdefault(_RECORDS_ATTR, [])
-    providers.append(provider)
-
-
 def report(obj: Any) -> Report:
     """Every candidate site velora_fx saw in ``obj``, with status, reason and bytes.
 
+    Weights are named as in ``obj.named_parameters()`` (``torch.compile``'s
+    ``_orig_mod.`` left out), whichever way ``obj`` was compiled: whole,
+    per block, under DDP or FSDP2 (FSDP2 and per-block compile need
+    ``velora_fx.prepare(model)`` first: see README.md).
+
     Args:
         obj: a GraphModule returned by ``velora_fx.transform``, or a model
-            compiled with ``velora_fx.backend`` (the ``torch.compile`` result
-            or the original module; records appear once a graph is compiled).
+            compiled with ``velora_fx.backend`` (the ``torch.compile`` result,
+            the original module, or a wrapper around it); records appear once
+            a graph has run with grad.
 
     Returns:
         A ``Report``; ``print`` it for a table.
@@ -159,10 +157,6 @@ def report(obj: Any) -> Report:
         >>> gm = velora_fx.transform(torch.fx.symbolic_trace(model))   # doctest: +SKIP
         >>> print(velora_fx.report(gm))                                 # doctest: +SKIP
     """
-    seen: list[SiteRecord] = []
-    for candidate in (obj, getattr(obj, "_orig_mod", None)):
-        if candidate is None:
-            continue
-        for provider in getattr(candidate, "__dict__", {}).get(_RECORDS_ATTR, []):
-            seen.extend(provider())
-    return Report(seen)
+    from . import fx, runtime  # they import this module
+
+    return Report([*fx.records(obj), *runtime.records(obj)])

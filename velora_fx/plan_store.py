@@ -1,0 +1,67 @@
+"""The plans of compiled graphs, kept next to Inductor's caches so that a cache hit still has its report.
+
+On an FX-graph or AOTAutograd cache hit the joint-graph pass does not run,
+so the backend would not know what the cached graph compresses. The pass's
+plan (name-free: see ``passes/contract.py``) is written to a small JSON file
+under Inductor's cache directory, keyed by the pass ``uuid`` and the graph,
+and read back on a hit. Nothing is kept in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx
+
+from velora_fx import _torch_internals as ti
+from velora_fx.passes.contract import PlannedSite, plan_from_json, plan_to_json
+
+__all__ = ["graph_key", "store", "load"]
+
+log = logging.getLogger(__name__)
+
+
+def graph_key(gm: torch.fx.GraphModule, examples: Sequence[Any], uuid: str) -> str:
+    """What a compile's result depends on: the pass ``uuid``, the graph's code, and the inputs' shapes."""
+    h = hashlib.sha256(uuid.encode())
+    h.update(gm.code.encode())
+
+    def dims(sizes) -> tuple:  # a symbol's name depends on what was compiled before: only say "symbolic"
+        return tuple("sym" if ti.is_symbolic(s) else int(s) for s in sizes)
+
+    for e in examples:
+        if isinstance(e, torch.Tensor):
+            h.update(f"{dims(e.shape)}|{dims(e.stride())}|{e.dtype}|{e.requires_grad}".encode())
+        else:
+            h.update(repr(e).encode())
+    return h.hexdigest()[:40]
+
+
+def _path(key: str) -> str:
+    return os.path.join(ti.cache_dir(), "velora_fx", "plans", f"{key}.json")
+
+
+def store(key: str, sites: Sequence[PlannedSite]) -> None:
+    """Write the plan of the graph ``key`` (atomically); a failure is logged, never raised."""
+    try:
+        path = _path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(plan_to_json(sites))
+        os.replace(tmp, path)
+    except OSError as e:  # the report is a convenience; compiling must not fail for it
+        log.debug("velora_fx: could not store the plan %s: %s", key, e)
+
+
+def load(key: str) -> Optional[list[PlannedSite]]:
+    """The plan stored for the graph ``key``, ``None`` if there is none."""
+    try:
+        with open(_path(key)) as f:
+            return plan_from_json(f.read())
+    except (OSError, ValueError, TypeError):
+        return None

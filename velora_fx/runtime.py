@@ -1,0 +1,345 @@
+"""What runs at training time around a graph the backend compiled.
+
+``CompiledGraph`` wraps Inductor's compiled joint graph. On every call it
+feeds each basis input from the projection of the parameter the graph
+received (bound once per parameter object, NOTE [the state model] in
+``state.py``), calibrates projections that are not calibrated yet on the
+batch at hand, and writes back the bases the graph refreshed. It also
+remembers, weakly, which parameters each call used, so that
+``velora_fx.report(model)`` can name every site of every model instance that
+ran through this graph (``records``).
+
+NOTE [one basis per input]
+Weights that read the same input (q/k/v of one attention, gate/up of one
+SwiGLU) calibrate the same basis anyway under every VeLoRA init but
+``random``: ``v`` is the normalised mean sub-token of that input, and
+``batch_average`` / ``ema`` refresh it from that input too. So they use one
+basis (the first weight's: the others' ``ParamSlot.leader`` names it), and the
+joint-graph pass keeps one ``p`` for all of them instead of one per weight:
+for q/k/v, a third of the bytes of ``p`` and of the projection work. Each
+weight still has its own projection in the state (its ``leader`` is the first
+weight's), so ``state_dict()`` lists every weight and each ``dW`` is the
+formula with its own (shared) basis. A checkpoint whose shared projections
+differ (written by other code) is warned about, and the first weight's basis
+is used. The FX route (``velora_fx.transform``) follows the same rule.
+
+NOTE [one basis on every rank]
+Under data parallelism (DDP, FSDP) every rank must project with the same
+basis, or the all-reduced weight gradient mixes different subspaces. When
+``torch.distributed`` is initialised with more than one rank, calibration
+uses the *global* first batch: each rank sums its estimator statistics
+(float64) with their counts, one ``all_reduce`` over the default process
+group adds them up, and every rank computes the same basis (NaN/inf on any
+rank raises on every rank). There is one ``all_reduce`` per calibrating
+graph call, on every rank that calls the graph for the first time with
+uncalibrated projections: all ranks must start from the same state (all
+fresh, or all loaded from one checkpoint) and run the same graphs in the
+same order, which data parallelism does anyway. Bases refreshed inside the
+graph from each rank's own batch (``init="batch_average"`` / ``"ema"``) are
+refused under ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from velora_fx import _torch_internals as ti
+from velora_fx.dynamo_graph import ParamUse
+from velora_fx.estimators import Estimator
+from velora_fx.passes.contract import GraphSpec, PlannedSite
+from velora_fx.report import COMPRESSED, SiteRecord
+from velora_fx.state import (
+    CONTAINER,
+    Projection,
+    ProjectionState,
+    find_owner,
+    named_parameters,
+    new_projection,
+    projection_for,
+    strip_compiled,
+)
+
+__all__ = ["CompiledGraph", "records", "distributed"]
+
+log = logging.getLogger(__name__)
+
+_ORDER = itertools.count()
+
+
+def distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised ``torch.distributed`` job."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _takes_varargs(fn: Callable) -> bool:
+    """Whether ``fn`` takes its inputs as ``*args`` (else: one boxed list)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+@dataclass(eq=False)
+class InstanceRecord:
+    """What one set of parameters did in one graph, for ``velora_fx.report``: per slot, the parameter (weakly),
+    the prepared model's state it belongs to (weakly, or ``None``), and its name there (else the name from the
+    Dynamo source). Kept by what it describes, never the other way round: each parameter (a weak table) and each
+    prepared model's state hold their records, so a report outlives ``torch._dynamo.reset()`` but not the model."""
+
+    graph: str
+    order: tuple[int, int]
+    sites: Sequence[PlannedSite]
+    params: tuple[weakref.ref, ...]
+    owners: tuple[Optional[weakref.ref], ...]
+    names: tuple[str, ...]
+
+    def alive(self) -> bool:
+        return any(p() is not None for p in self.params)
+
+    def same(self, args: list, primals: Sequence[int]) -> bool:
+        return all(p() is args[i] for p, i in zip(self.params, primals))
+
+    def render(self, names_of: dict[int, str], prefixes: dict[int, str]) -> list[SiteRecord]:
+        """The records of the slots that belong to the model behind ``names_of`` / ``prefixes``, named there."""
+        names, inside = list(self.names), set()
+        for k, (param, owner) in enumerate(zip(self.params, self.owners)):
+            o = owner() if owner is not None else None
+            p = param()
+            if o is not None and id(o) in prefixes:
+                names[k] = f"{prefixes[id(o)]}{self.names[k]}"
+                inside.add(k)
+            elif p is not None and id(p) in names_of:
+                names[k] = names_of[id(p)]
+                inside.add(k)
+        return [s.render(self.graph, names) for s in self.sites if s.slot in inside]
+
+
+_RECORDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> its InstanceRecords
+
+
+class CompiledGraph:
+    """Inductor's compiled graph plus its runtime inputs: one basis per compressed input.
+
+    Keeps the calling convention of what ``compile_fx`` returned: Dynamo calls
+    it with the graph inputs as positional arguments, yet it carries
+    ``_boxed_call=True`` (copied from AOTAutograd's boxed runtime wrapper); a
+    caller that trusts the attribute passes one list. Both are accepted, and
+    the inner callable is called the way its signature takes.
+    """
+
+    def __init__(self, compiled, dynamo_gm: torch.fx.GraphModule, spec: GraphSpec, uses: dict[int, ParamUse],
+                 sites: list[PlannedSite], n_refresh: int, estimator: Estimator):  # fmt: skip
+        self.compiled = compiled
+        if hasattr(compiled, "_boxed_call"):
+            self._boxed_call = compiled._boxed_call
+        self._inner_takes_list = not _takes_varargs(compiled)
+        self.dynamo_gm = dynamo_gm
+        self.spec = spec
+        self.uses = uses
+        self.sites = sites
+        self.n_refresh = n_refresh
+        self.estimator = estimator
+        slots = spec.slots
+        self.leaders = [k for k, s in enumerate(slots) if s.basis_primal is not None and s.leader is None]
+        self.followers = {k: [f for f, s in enumerate(slots) if s.leader == k] for k in self.leaders}
+        used = {s.slot for s in sites if s.status == COMPRESSED}
+        self.used = [any(j in used for j in (k, *self.followers[k])) for k in self.leaders]
+        self._primals = [s.primal for s in slots]
+        self._bindings = WeakIdKeyDictionary()  # parameter -> the projection its basis input reads
+        self._instances: list[InstanceRecord] = []
+        self._last_first: Optional[weakref.ref] = None
+        self.order = next(_ORDER)
+
+    # -- binding -------------------------------------------------------------------------------
+
+    def _bind(self, args: list, k: int) -> Projection:
+        """The projection of the leader of slot ``k`` (created when new), its followers sharing it."""
+        slot = self.spec.slots[k]
+        proj = self._projection(args[slot.primal], slot.name, slot.basis_shape, slot.features)
+        for f in self.followers[k]:
+            fs = self.spec.slots[f]
+            self._projection(args[fs.primal], fs.name, fs.basis_shape, fs.features).share(proj)
+        self._bindings[args[slot.primal]] = proj
+        return proj
+
+    def _projection(self, param: torch.Tensor, fallback: str, basis_shape, features) -> Projection:
+        owner = find_owner(param)
+        name = owner.name_of(param) if owner is not None else fallback
+        shape = self.estimator.state_shape(basis_shape)
+        proj = projection_for(param, name, owner)
+        if proj is None:
+            basis, step = self.estimator.initial(basis_shape, name)
+            return new_projection(param, name, owner, self.estimator.field, basis.to(param.device), step)
+        if proj.field != self.estimator.field or tuple(proj._basis.shape) != shape:
+            where = f"{CONTAINER}.{name}.{proj.field}" if owner is not None else "kept outside the state_dict"
+            raise ValueError(
+                f"velora_fx: the projection of {name} ({where}) has shape {tuple(proj._basis.shape)} but this "
+                f"backend's config needs {shape} for D={features}; compile with the config the model was trained "
+                "with, or train a freshly prepared model"
+            )
+        return proj
+
+    def _note_instance(self, args: list) -> None:
+        """Remember (weakly) the parameters of this call, for ``records``, if this set of parameters is new."""
+        if any(inst.same(args, self._primals) for inst in self._instances):
+            return
+        self._instances = [inst for inst in self._instances if inst.alive()]
+        params, owners, names = [], [], []
+        for slot in self.spec.slots:
+            param = args[slot.primal]
+            owner = find_owner(param)
+            params.append(weakref.ref(param))
+            owners.append(weakref.ref(owner) if owner is not None else None)
+            names.append(owner.name_of(param) if owner is not None else slot.name)
+        record = InstanceRecord(self.spec.name, (self.order, next(_ORDER)), self.sites, tuple(params), tuple(owners),
+                                tuple(names))  # fmt: skip
+        self._instances.append(record)
+        for slot in self.spec.slots:
+            _RECORDS.setdefault(args[slot.primal], []).append(record)
+        for owner in {id(o()): o() for o in owners if o is not None}.values():
+            owner.instance_records.append(record)
+
+    # -- calibration ---------------------------------------------------------------------------
+
+    def _calibrate(self, args: list, todo: list[tuple[int, Projection]]) -> None:
+        """Calibrate each projection of ``todo`` from this batch: run the Dynamo graph eagerly, capture the inputs."""
+        watch: dict[torch.fx.Node, list[int]] = {}
+        for k, _ in todo:
+            for matmul, _inp in self.uses[self.spec.slots[k].primal].uses:
+                watch.setdefault(matmul, []).append(k)
+        captured: dict[int, list[torch.Tensor]] = {k: [] for k, _ in todo}
+        uses, spec = self.uses, self.spec
+
+        class Capture(torch.fx.Interpreter):
+            def run_node(self, n):
+                for k in watch.get(n, ()):
+                    for matmul, inp in uses[spec.slots[k].primal].uses:
+                        if matmul is n:
+                            captured[k].append(self.env[inp].detach())
+                return super().run_node(n)
+
+        inputs = [a.clone() if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) else a for a in args]
+        devices = {a.device for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"}
+        with torch.no_grad(), torch.random.fork_rng(devices=list(devices)):
+            Capture(self.dynamo_gm).run(*inputs)
+        del inputs
+        stats = []
+        for k, proj in todo:
+            slot = self.spec.slots[k]
+            xs = [x.reshape(-1, slot.features) for x in captured[k]]
+            x = xs[0] if len(xs) == 1 else torch.cat(xs) if xs else None
+            if x is None:
+                stats.append((torch.zeros(self.estimator.state_shape(slot.basis_shape), dtype=torch.float64), 0))
+            else:
+                stats.append(self.estimator.statistics(x, slot.basis_shape))
+        if distributed():  # see NOTE [one basis on every rank]
+            stats = _all_reduce(stats, todo[0][1].basis.device)
+        for (k, proj), (total, count) in zip(todo, stats):
+            basis = self.estimator.calibrated(total, count, proj.weight)
+            if basis is None:
+                continue  # no tokens (an empty batch): nothing to average; stays uncalibrated (its dW is 0: exact)
+            proj.set_basis(basis)
+            log.info("velora_fx: calibrated the projection of %s on the first batch", proj.weight)
+
+    # -- the call ------------------------------------------------------------------------------
+
+    def __call__(self, *call_args: Any) -> Any:
+        if len(call_args) == 1 and type(call_args[0]) is list:
+            args = call_args[0]  # boxed: the callee frees the inputs by clearing the list
+        else:
+            args = list(call_args)
+        if any(ti.is_fake(a) for a in args):
+            return self._call_fake(args)
+        bases, todo, rebound = [], [], False
+        for k, used in zip(self.leaders, self.used):
+            slot = self.spec.slots[k]
+            param = args[slot.primal]
+            if not used:  # the plan compresses none of its sites: the input is not read
+                bases.append(torch.zeros(self.estimator.state_shape(slot.basis_shape), device=param.device))
+                continue
+            proj = self._bindings.get(param)
+            if proj is None:
+                proj, rebound = self._bind(args, k), True
+            bases.append(proj.graph_input(param.device))
+            if not proj.calibrated:
+                todo.append((k, proj))
+        if self._primals and (rebound or self._last_first is None or self._last_first() is not args[self._primals[0]]):
+            self._last_first = weakref.ref(args[self._primals[0]])
+            self._note_instance(args)
+        if todo:
+            self._calibrate(args, todo)
+        args.extend(bases)
+        if self._inner_takes_list:
+            outs = self.compiled(args)
+        else:
+            full = tuple(args)
+            args.clear()
+            outs = self.compiled(*full)
+            del full
+        if self.n_refresh:
+            outs = list(outs)
+            refreshed = outs[len(outs) - self.n_refresh :]
+            del outs[len(outs) - self.n_refresh :]
+            with torch.no_grad():
+                for basis, used, new in zip(bases, self.used, refreshed):
+                    if used:
+                        basis.copy_(new)
+        return outs
+
+    def _call_fake(self, args: list) -> Any:
+        """A call on fake inputs while compiling (DDPOptimizer runs each compiled split): shapes only, nothing bound."""
+        for k in self.leaders:
+            slot = self.spec.slots[k]
+            args.append(torch.zeros(self.estimator.state_shape(slot.basis_shape), device=args[slot.primal].device))
+        outs = self.compiled(args) if self._inner_takes_list else self.compiled(*args)
+        if self.n_refresh:
+            outs = list(outs)[: len(outs) - self.n_refresh]
+        return outs
+
+
+
+def records(obj: Any) -> list[SiteRecord]:
+    """The records of every compiled graph that trained parameters of ``obj``, named as in ``obj``."""
+    root = getattr(obj, "_orig_mod", obj)
+    if not isinstance(root, nn.Module):
+        return []
+    names_of: dict[int, str] = {}
+    for name, p in named_parameters(root):
+        names_of.setdefault(id(p), name)
+    prefixes, found = {}, {}
+    for name, module in root.named_modules():
+        if isinstance(module, ProjectionState):
+            prefixes[id(module)] = strip_compiled(name[: -len(CONTAINER)])  # "" or "module." (DDP), ...
+            found.update((id(r), r) for r in module.instance_records)
+    for _, p in named_parameters(root):
+        found.update((id(r), r) for r in _RECORDS.get(p, ()))
+    out: list[SiteRecord] = []
+    for record in sorted(found.values(), key=lambda r: r.order):
+        out.extend(record.render(names_of, prefixes))
+    return out
+
+
+def _all_reduce(stats: list[tuple[torch.Tensor, int]], device) -> list[tuple[torch.Tensor, int]]:
+    """Sum every ``(total, count)`` over the ranks of the default process group, with one ``all_reduce``."""
+    sizes = [t.numel() for t, _ in stats]
+    packed = torch.cat([t.reshape(-1).to(device, torch.float64) for t, _ in stats]
+                       + [torch.tensor([float(c) for _, c in stats], dtype=torch.float64, device=device)])  # fmt: skip
+    torch.distributed.all_reduce(packed)
+    out, offset = [], 0
+    for (t, _), n in zip(stats, sizes):
+        out.append((packed[offset : offset + n].reshape(t.shape), 0))
+        offset += n
+    counts = packed[offset:].tolist()
+    return [(total, int(c)) for (total, _), c in zip(out, counts)]

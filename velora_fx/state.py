@@ -1,0 +1,446 @@
+"""Where velora_fx keeps the projection state of each weight, for both routes.
+
+NOTE [the state model]
+Every compressed weight has a *projection*: the basis its input is projected
+on (VeLoRA's unit vector ``v``; the ``(d, r)`` basis of the other
+estimators) and, for estimators refreshed on a schedule, a step counter.
+
+* ``velora_fx.prepare(model)`` attaches one ``ProjectionState`` to the model
+  as the child ``model.velora_fx``. It holds the projections of every weight
+  of that model, keyed by the weight's ``named_parameters()`` name in the
+  *prepared* model, so the name does not depend on how the model is later
+  wrapped (DDP, FSDP2, per-block ``torch.compile``) or called. In
+  ``model.state_dict()`` they appear as ``velora_fx.<weight name>.<field>``
+  (``velora_fx.layers.0.mlp.down_proj.weight.v``), for both routes.
+* Projections are created when a graph that compresses the weight is first
+  compiled (their size depends on the contraction size ``D`` that only the
+  graph knows). A fresh prepared model loads a checkpoint with the ordinary
+  ``model.load_state_dict``: the container creates the projections it reads.
+* The state is not a set of buffers: the container owns its tensors and
+  keeps them float32 under every cast of the model (``.half()``,
+  ``.to(torch.bfloat16)``, ``.double()``), moving them only between devices
+  (``_apply``). The compiled graphs are built for float32 state and are fed
+  float32 state, so a cast model can never make a graph read state of the
+  wrong dtype.
+* Nothing here references the model strongly except the container's own
+  back-reference to its root (a cycle that dies with the model). The global
+  tables (``_CONTAINERS``, ``_DETACHED``) are weak.
+* A model that was not prepared still trains: its projections live in a
+  weak side table keyed by the parameter object (``_DETACHED``), outside any
+  ``state_dict``, and die with the parameter. A checkpoint of such a model
+  does not carry them; a resumed run recalibrates. A one-time warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .config import VeloraConfig
+
+__all__ = ["Projection", "ProjectionState", "prepare", "find_owner", "projection_for", "projections", "CONTAINER"]
+
+log = logging.getLogger(__name__)
+
+#: The child module ``prepare`` attaches, and the prefix of every state key.
+CONTAINER = "velora_fx"
+
+_STATE_DTYPE = torch.float32
+
+
+class Projection:
+    """The projection state of one weight: its basis, whether it is calibrated, and its refresh step.
+
+    ``basis`` is float32: VeLoRA's unit vector ``v`` of shape ``(d,)``, or a
+    ``(d, r)`` basis. All zeros means "not calibrated yet". Weights that read
+    one input share the projection of the first of them (NOTE [one basis per
+    input] in ``velora_fx/runtime.py``): ``leader`` is then that weight's
+    projection, and ``basis`` / ``step`` are the leader's.
+    """
+
+    def __init__(self, weight: str, field: str, basis: torch.Tensor, step: Optional[torch.Tensor] = None):
+        self.weight = weight
+        self.field = field  # "v" (VeLoRA) or "basis"
+        self._basis = basis
+        self._step = step
+        self.leader: Optional[Projection] = None
+        self.calibrated = bool(basis.ne(0).any())
+
+    def __repr__(self) -> str:
+        shared = f", shares {self.leader.weight}" if self.leader is not None else ""
+        return f"Projection({self.weight}, {self.field}={tuple(self.basis.shape)}, calibrated={self.calibrated}{shared})"
+
+    @property
+    def root(self) -> "Projection":
+        return self if self.leader is None else self.leader.root
+
+    @property
+    def basis(self) -> torch.Tensor:
+        return self.root._basis
+
+    @property
+    def step(self) -> Optional[torch.Tensor]:
+        return self.root._step
+
+    @property
+    def v(self) -> torch.Tensor:
+        """VeLoRA's direction (the basis of shape ``(d,)``)."""
+        return self.basis
+
+    def set_basis(self, value: torch.Tensor) -> None:
+        """Write a new basis (calibration, refresh); the tensor object is kept, so graphs holding it see the write."""
+        root = self.root
+        with torch.no_grad():
+            root._basis.copy_(value.to(root._basis.device, _STATE_DTYPE))
+        root.calibrated = True
+
+    def graph_input(self, device: torch.device) -> torch.Tensor:
+        """The basis as a compiled graph expects it: float32 on ``device`` (moved there for good if it is not)."""
+        root = self.root
+        if root._basis.device != device:
+            root._basis = root._basis.to(device)
+            if root._step is not None:
+                root._step = root._step.to(device)
+        return root._basis
+
+    def share(self, leader: "Projection") -> None:
+        """Use ``leader``'s state from now on (warn if this weight's own, loaded state differed)."""
+        if leader.root is self.root:
+            return
+        mine, theirs = self._basis, leader.basis
+        if self.calibrated and (mine.shape != theirs.shape or not torch.equal(mine.to(theirs.device), theirs)):
+            log.warning(
+                "velora_fx: the projection of %s differs from that of %s, whose input it shares; both weights use "
+                "the latter (one basis per input)",
+                self.weight,
+                leader.weight,
+            )
+        self.leader = leader.root
+
+    def _apply_device(self, device: torch.device) -> None:
+        self._basis = self._basis.to(device)
+        if self._step is not None:
+            self._step = self._step.to(device)
+
+
+class ProjectionState(nn.Module):
+    """The projections of every weight of one prepared model (``model.velora_fx``).
+
+    Created by ``velora_fx.prepare`` (and by ``velora_fx.transform`` on the
+    GraphModule it rewrites); see NOTE [the state model].
+    """
+
+    def __init__(self, root: nn.Module, config: Optional[VeloraConfig]):
+        super().__init__()
+        self.config = config
+        self._entries: dict[str, Projection] = {}
+        object.__setattr__(self, "_root", root)  # not a submodule: a back-reference
+        self._index: dict[int, tuple[weakref.ref, str]] = {}
+        self.fx_inputs: dict[str, tuple] = {}  # FX route: per site, the input seen first (for the report)
+        self.instance_records: list = []  # compile backend: what each compiled graph did to this model (the report)
+        _CONTAINERS.add(self)
+
+    def extra_repr(self) -> str:
+        return f"{len(self._entries)} projections, config={self.config!r}"
+
+    def __deepcopy__(self, memo: dict) -> "ProjectionState":
+        root = memo.get(id(self._root))
+        if root is None:  # the container copied alone: it keeps describing the original model
+            root = self._root
+        copy = ProjectionState.__new__(ProjectionState)
+        memo[id(self)] = copy
+        nn.Module.__init__(copy)
+        copy.config = self.config
+        object.__setattr__(copy, "_root", root)
+        copy._index = {}
+        copy.fx_inputs = dict(self.fx_inputs)
+        copy.instance_records = []  # what graphs did to the original, not to the copy
+        entries = {name: Projection(name, e.field, e._basis.clone(), None if e._step is None else e._step.clone())
+                   for name, e in self._entries.items()}  # fmt: skip
+        for name, e in self._entries.items():
+            entries[name].calibrated = e.calibrated
+            if e.leader is not None:
+                entries[name].leader = entries[e.leader.weight]
+        copy._entries = entries
+        copy.training = self.training
+        _CONTAINERS.add(copy)
+        return copy
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_index"], state["instance_records"] = {}, []  # weak references: not picklable, rebuilt on use
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _CONTAINERS.add(self)
+
+    # -- names ----------------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> nn.Module:
+        return self._root
+
+    def name_of(self, param: torch.Tensor) -> Optional[str]:
+        """The ``named_parameters()`` name of ``param`` in the prepared model, ``None`` if it is not one of its."""
+        hit = self._index.get(id(param))
+        if hit is not None and hit[0]() is param:
+            return hit[1]
+        self._index = {}
+        for name, p in named_parameters(self._root):  # a tied parameter: its first name, as named_parameters() says
+            self._index.setdefault(id(p), (weakref.ref(p), name))
+        hit = self._index.get(id(param))
+        return hit[1] if hit is not None and hit[0]() is param else None
+
+    # -- projections ----------------------------------------------------------------------------------
+
+    def __contains__(self, weight: str) -> bool:
+        return weight in self._entries
+
+    def __iter__(self) -> Iterator[Projection]:
+        return iter(self._entries.values())
+
+    def get(self, weight: str) -> Optional[Projection]:
+        return self._entries.get(weight)
+
+    def create(self, weight: str, field: str, basis: torch.Tensor, step: Optional[torch.Tensor]) -> Projection:
+        entry = Projection(weight, field, basis.to(_STATE_DTYPE), step)
+        self._entries[weight] = entry
+        return entry
+
+    # -- state_dict, load_state_dict, .to() -------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, e in self._entries.items():
+            destination[f"{prefix}{name}.{e.field}"] = e.basis if keep_vars else e.basis.detach()
+            if e.step is not None:
+                destination[f"{prefix}{name}.step"] = e.step if keep_vars else e.step.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        loaded: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            if not key.startswith(prefix):
+                continue
+            weight, _, field = key[len(prefix):].rpartition(".")
+            if field not in ("v", "basis", "step") or not weight:
+                unexpected_keys.append(key)
+                continue
+            loaded.setdefault(weight, {})[field] = value
+        for weight, fields in loaded.items():
+            field = "v" if "v" in fields else "basis"
+            if field not in fields:
+                unexpected_keys.extend(f"{prefix}{weight}.{f}" for f in fields)
+                continue
+            value, step = fields[field], fields.get("step")
+            entry = self._entries.get(weight)
+            if entry is not None and (entry.field != field or entry._basis.shape != value.shape):
+                error_msgs.append(
+                    f"size mismatch for {prefix}{weight}.{field}: copying a param with shape {tuple(value.shape)} "
+                    f"from checkpoint, the shape in current model is {tuple(entry._basis.shape)}."
+                )
+                continue
+            basis = value.detach().to(_STATE_DTYPE).clone()
+            step = None if step is None else step.detach().to(torch.int64).clone()
+            if entry is None:
+                self.create(weight, field, basis, step)
+            else:
+                entry._basis = basis.to(entry._basis.device)
+                entry._step = None if step is None else step.to(entry._basis.device)
+                entry.calibrated = bool(basis.ne(0).any())
+                if entry.leader is not None:  # loaded on its own: shares again (and is checked) at the next call
+                    entry.leader = None
+        if strict:
+            missing_keys.extend(
+                f"{prefix}{name}.{e.field}" for name, e in self._entries.items() if name not in loaded
+            )
+
+    def _apply(self, fn, recurse=True):
+        # See NOTE [the state model]: the state follows the model's device, never its dtype.
+        device = fn(torch.zeros((), dtype=_STATE_DTYPE)).device
+        for e in self._entries.values():
+            if e._basis.device != device:
+                e._apply_device(device)
+        return self
+
+
+# -- the registry of prepared models and of the projections of unprepared ones ------------------------
+
+_CONTAINERS: "weakref.WeakSet[ProjectionState]" = weakref.WeakSet()
+_DETACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> Projection (models not prepared)
+_warned_unprepared = False
+
+
+def named_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module.named_parameters()`` with the names of the model as written: ``torch.compile``'s ``_orig_mod.``
+    segments (per-block compile) dropped, every alias of a tied parameter listed (its first name first)."""
+    for name, p in module.named_parameters(remove_duplicate=False):
+        yield strip_compiled(name), p
+
+
+def strip_compiled(name: str) -> str:
+    """A module path without ``torch.compile``'s ``_orig_mod`` segments (``layers.0._orig_mod.mlp`` -> ``layers.0.mlp``)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def prepare(model: nn.Module, config: Optional[VeloraConfig] = None) -> nn.Module:
+    """Give ``model`` the state velora_fx keeps for it, so ``model.state_dict()`` carries it.
+
+    Attaches a ``ProjectionState`` as ``model.velora_fx`` (NOTE [the state
+    model]): the projection of each compressed weight is kept there under the
+    weight's ``named_parameters()`` name, for the compile backend and for
+    ``velora_fx.transform`` alike, and survives ``state_dict()`` /
+    ``load_state_dict()``, ``copy.deepcopy``, ``torch.save(model)``, DDP,
+    FSDP2 and per-block ``torch.compile``. Call it once, before wrapping the
+    model (DDP, ``fully_shard``) and before loading a checkpoint into a fresh
+    model. Preparing twice returns the model unchanged.
+
+    Args:
+        model: the model to train, unchanged otherwise.
+        config: the ``VeloraConfig`` this model trains with. A backend made
+            without a config (``velora_fx.backend``) then uses it; a backend
+            made with another config refuses the model.
+
+    Returns:
+        ``model`` itself.
+
+    Example::
+
+        >>> model = velora_fx.prepare(MyModel(), velora_fx.VeloraConfig(num_groups=32))   # doctest: +SKIP
+        >>> model.load_state_dict(torch.load("ckpt.pt"))   # a resumed run: the projections come back too  # doctest: +SKIP
+        >>> compiled = torch.compile(model, backend=velora_fx.backend)                     # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"velora_fx.prepare takes an nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, VeloraConfig):
+        raise TypeError(f"velora_fx.prepare: config must be a VeloraConfig, got {type(config).__name__}")
+    existing = model._modules.get(CONTAINER)
+    if isinstance(existing, ProjectionState):
+        if config is not None and existing.config is not None and existing.config != config:
+            raise ValueError(
+                f"velora_fx.prepare: this model was prepared with {existing.config}; preparing it again with "
+                f"{config} would mix two configs. Prepare a fresh model instead."
+            )
+        if config is not None:
+            existing.config = config
+        return model
+    if existing is not None or hasattr(model, CONTAINER):
+        raise ValueError(
+            f"velora_fx.prepare: {type(model).__name__} already has an attribute {CONTAINER!r}; velora_fx keeps "
+            "its state under that name"
+        )
+    for name, p in named_parameters(model):
+        owner = find_owner(p)
+        if owner is not None and owner.root is not model:
+            raise ValueError(
+                f"velora_fx.prepare: parameter {name} already belongs to a prepared {type(owner.root).__name__} "
+                f"(as {owner.name_of(p)}); prepare the outermost model you train, once"
+            )
+    model.add_module(CONTAINER, ProjectionState(model, config))
+    model.register_load_state_dict_pre_hook(_translate_legacy_keys)
+    return model
+
+
+def container_of(model: nn.Module) -> Optional[ProjectionState]:
+    """The ``ProjectionState`` of a prepared ``model`` (or of what ``torch.compile`` returned for it)."""
+    model = getattr(model, "_orig_mod", model)
+    found = model._modules.get(CONTAINER) if isinstance(model, nn.Module) else None
+    return found if isinstance(found, ProjectionState) else None
+
+
+def find_owner(param: torch.Tensor) -> Optional[ProjectionState]:
+    """The prepared model's state that ``param`` belongs to, ``None`` if no prepared model holds it."""
+    for container in list(_CONTAINERS):
+        if container.name_of(param) is not None:
+            return container
+    return None
+
+
+def projection_for(param: torch.Tensor, name: str, owner: Optional[ProjectionState]) -> Optional[Projection]:
+    """The existing projection of ``param`` (named ``name`` in ``owner``, or unprepared), ``None`` if none yet."""
+    if owner is not None:
+        return owner.get(name)
+    return _DETACHED.get(param)
+
+
+def new_projection(param: torch.Tensor, name: str, owner: Optional[ProjectionState], field: str,
+                   basis: torch.Tensor, step: Optional[torch.Tensor]) -> Projection:  # fmt: skip
+    """Create the projection of ``param``: in its prepared model, or in the side table (and warn once)."""
+    if owner is not None:
+        return owner.create(name, field, basis, step)
+    global _warned_unprepared
+    if not _warned_unprepared:
+        _warned_unprepared = True
+        log.warning(
+            "velora_fx: training weights of a model that velora_fx.prepare() was not called on (first: %s). "
+            "Training is unaffected, but their projections are not part of model.state_dict(): a checkpoint does "
+            "not carry them and a resumed run recalibrates. Call velora_fx.prepare(model) before training to keep "
+            "them.",
+            name,
+        )
+    entry = Projection(name, field, basis.to(_STATE_DTYPE), step)
+    _DETACHED[param] = entry
+    return entry
+
+
+def projections(model: nn.Module) -> dict[str, Projection]:
+    """The projection of every weight of ``model`` that has one, by ``named_parameters()`` name.
+
+    Works for prepared models (both routes) and for models compiled without
+    ``prepare`` (their projections are found by parameter identity).
+
+    Example::
+
+        >>> {name: p.v for name, p in velora_fx.projections(model).items()}   # VeLoRA's directions  # doctest: +SKIP
+    """
+    model = getattr(model, "_orig_mod", model)
+    out: dict[str, Projection] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ProjectionState):
+            prefix = strip_compiled(path[: -len(CONTAINER)])
+            for e in module:
+                out[prefix + e.weight] = e
+    for name, p in named_parameters(model):
+        entry = _DETACHED.get(p)
+        if entry is not None:
+            out.setdefault(name, entry)
+    return out
+
+
+# -- checkpoints written before the state model ------------------------------------------------------
+
+_LEGACY_SUFFIX = "_velora_v"
+
+
+def _translate_legacy_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs):  # fmt: skip
+    """Read checkpoints of velora_fx 0.1: ``<weight>_velora_v`` buffers (backend) and ``velora_fx.<w_e_i_g_h_t>.v``
+    (FX route, dots spelled as underscores) become ``velora_fx.<weight>.v``."""
+    container = module._modules.get(CONTAINER)
+    if not isinstance(container, ProjectionState):
+        return
+    escaped = {_escape(name): name for name, _ in named_parameters(module)}
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        new = None
+        if rest.endswith(_LEGACY_SUFFIX) and not rest.startswith(f"{CONTAINER}."):
+            new = f"{prefix}{CONTAINER}.{rest[: -len(_LEGACY_SUFFIX)]}.v"
+        elif rest.startswith(f"{CONTAINER}.") and rest.endswith(".v"):
+            middle = rest[len(CONTAINER) + 1 : -2]
+            if "." not in middle and middle in escaped and middle != escaped[middle]:
+                new = f"{prefix}{CONTAINER}.{escaped[middle]}.v"
+        if new is not None and new not in state_dict:
+            state_dict[new] = state_dict.pop(key)
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.sub(r"\W", "_", name)
