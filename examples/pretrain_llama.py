@@ -108,13 +108,14 @@ def main(argv=None) -> dict:
         step_model = model
     elif args.route == "inductor":
         step_model = torch.compile(model)
-    else:
-        step_model = torch.compile(model, backend=velora_fx.make_backend(velora_config(args.route, args.num_groups)))
+    else:  # prepared: the projections live in model.state_dict(), so the checkpoint below carries them
+        velora_fx.prepare(model, velora_config(args.route, args.num_groups))
+        step_model = torch.compile(model, backend=velora_fx.backend)
 
     start_step, history = 0, []
     if args.resume:
         state = torch.load(args.ckpt, weights_only=False)
-        velora_fx.load_state_dict(model, state["model"])  # also restores the v buffers a fresh model lacks
+        model.load_state_dict(state["model"])  # a prepared model takes its projections back too
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start_step, history = state["step"], state["history"]

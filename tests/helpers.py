@@ -38,8 +38,9 @@ def saved_bytes_step(fn, *inputs, loss_fn=lambda out: out.float().pow(2).mean())
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient, by name (``torch.compile``'s ``_orig_mod`` segments left out, as velora_fx does)."""
     model = getattr(model, "_orig_mod", model)
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n.replace("._orig_mod", ""): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def directions(model: nn.Module) -> dict[str, torch.Tensor]:

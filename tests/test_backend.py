@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import types
 
 import pytest
@@ -679,3 +680,94 @@ def test_cache_hit_is_still_rewritten(tmp_path, monkeypatch):
     assert warm == cold < default
     rep = velora_fx.report(warm_model)
     assert [r.status for r in rep] == [COMPRESSED, COMPRESSED]
+
+
+# -- the pass as Inductor runs it: guarded, chained, described ---------------------------------------------------
+
+
+def _generated_kernels(code: list[str]) -> int:
+    return sum(len(re.findall(r"= async_compile\.(?:cpp|triton)", c)) for c in code)
+
+
+def test_rewritten_graphs_generate_no_more_kernels_than_the_default_ones():
+    """The projection, dW and any x̂ are extern matmuls (``aten.mm``): Inductor generates no kernel for them."""
+    torch.manual_seed(13)
+    model = LlamaStack(blocks=1, dim=64, heads=4, hidden=128)  # d divides D: no padding kernel
+    default_model = copy.deepcopy(model)
+    x = torch.randn(2, 16, 64)
+    with ti.compile_caches(False):
+        velora_code = ti.generated_code(lambda: saved_bytes_step(
+            torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8))), x))
+        default_code = ti.generated_code(lambda: saved_bytes_step(torch.compile(default_model), x))
+    assert len(velora_fx.report(model).compressed) == 6
+    assert 0 < _generated_kernels(velora_code) <= _generated_kernels(default_code)
+
+
+def test_a_failing_rewrite_leaves_the_graph_exact(stack, monkeypatch, caplog):
+    """Apply is guarded as planning is: an error half-way leaves the joint graph exactly as it was, and says so."""
+    (g,) = stack.graphs
+    graph = copy.deepcopy(g.before)
+    code = torch.fx.GraphModule(torch.nn.Module(), graph).code
+    calls = []
+    original = jg._weight_grad_from_p
+
+    def fail_on_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return original(*args)
+
+    monkeypatch.setattr(jg, "_weight_grad_from_p", fail_on_the_third)
+    with caplog.at_level(logging.WARNING, logger="velora_fx"):
+        result, plan = jg.velora_joint_pass(graph, g.spec, STACK_CFG)
+    assert len(calls) == 3 and not result.modified and not plan.sites
+    assert "rewriting graph" in caplog.text and "stays exact" in caplog.text
+    assert torch.fx.GraphModule(torch.nn.Module(), graph).code == code
+    graph.lint()
+    assert ti.joint_layout(graph).input_index  # the descriptors came back too
+
+
+def test_a_graph_without_descriptors_stays_exact(stack, caplog):
+    (g,) = stack.graphs
+    graph = copy.deepcopy(g.before)
+    for node in graph.find_nodes(op="placeholder"):
+        node.meta.pop("desc", None)
+    with caplog.at_level(logging.WARNING, logger="velora_fx"):
+        result, _ = jg.velora_joint_pass(graph, g.spec, STACK_CFG)
+    assert not result.modified and "no AOTAutograd descriptor" in caplog.text
+
+
+def test_the_rewritten_graph_is_not_printed_unless_debugging(stack, monkeypatch, caplog):
+    (g,) = stack.graphs
+    printed = []
+    monkeypatch.setattr(torch.fx.Graph, "__str__", lambda self: printed.append(1) or "graph")
+    jg.VeloraJointPass(g.spec, STACK_CFG)(copy.deepcopy(g.before))
+    assert not printed
+    caplog.set_level(logging.DEBUG, logger="velora_fx.passes.joint_graph")
+    jg.VeloraJointPass(g.spec, STACK_CFG)(copy.deepcopy(g.before))
+    assert printed and "rewritten joint graph of graph" in caplog.text
+
+
+class _UserJointPass(ti.CustomGraphPass):
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, graph):
+        self.seen.append(sum(1 for n in graph.nodes if n.meta.get(META_KEY, {}).get("role") == "project"))
+
+    def uuid(self):
+        return "a user's joint pass"
+
+
+def test_a_users_joint_pre_pass_is_chained_not_replaced():
+    import torch._inductor.config as inductor_config
+
+    user = _UserJointPass()
+    torch.manual_seed(14)
+    model = TinyMLP(dim=24, hidden=40)
+    with inductor_config.patch(joint_custom_pre_pass=user), ti.compile_caches(False):
+        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4))),
+                         torch.randn(2, 3, 24))  # fmt: skip
+        assert inductor_config.joint_custom_pre_pass is user  # restored after the compile
+    assert user.seen == [2]  # it ran, after ours (it saw our two projections)
+    assert len(velora_fx.report(model).compressed) == 2

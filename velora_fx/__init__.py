@@ -25,7 +25,6 @@ __all__ = [
     "VeloraConfig",
     "backend",
     "calibrate",
-    "load_state_dict",
     "make_backend",
     "prepare",
     "project",
@@ -37,15 +36,3 @@ __all__ = [
 ]
 __version__ = "0.2.0"
 
-
-def load_state_dict(model, state_dict, strict: bool = True):
-    """``prepare(model)``, then ``model.load_state_dict(state_dict, strict)``: resume a model trained with velora_fx.
-
-    Reads checkpoints of velora_fx 0.1 too (``<weight>_velora_v`` buffers).
-
-    Example::
-
-        >>> velora_fx.load_state_dict(MyModel(), torch.load("ckpt.pt"))   # doctest: +SKIP
-    """
-    model = getattr(model, "_orig_mod", model)
-    return prepare(model).load_state_dict(state_dict, strict=strict)

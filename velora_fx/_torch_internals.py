@@ -41,6 +41,7 @@ __all__ = [
     "restore_graph",
     "with_joint_pre_pass",
     "memory_budget_patch",
+    "generated_code",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -278,6 +279,7 @@ def restore_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
     """Make ``graph`` (in place: the object Inductor holds) the graph ``snapshot`` was taken of."""
     for node in reversed(list(graph.nodes)):  # users before what they use
         graph.erase_node(node)
+    graph._graph_namespace = torch.fx.graph._Namespace()  # the erased names are free again: the copies take them
     graph.output(graph.graph_copy(snapshot, {})).meta = dict(snapshot.output_node().meta)
 
 
@@ -302,3 +304,11 @@ def memory_budget_patch(budget: Optional[float]) -> contextlib.AbstractContextMa
     if budget is None:
         return contextlib.nullcontext()
     return functorch_config.patch(activation_memory_budget=budget)
+
+
+def generated_code(fn: Callable[[], Any]) -> list[str]:
+    """The source of every graph Inductor compiles while running ``fn()`` (its test utility ``run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    _, code = run_and_get_code(fn)
+    return list(code)
