@@ -753,7 +753,8 @@ class _UserJointPass(ti.CustomGraphPass):
         self.seen = []
 
     def __call__(self, graph):
-        self.seen.append(sum(1 for n in graph.nodes if n.meta.get(META_KEY, {}).get("role") == "project"))
+        self.seen.append(sum(1 for n in graph.nodes if n.meta.get(META_KEY, {}).get("role") == "project"
+                             and n.target is torch.ops.aten.mm.default))  # fmt: skip
 
     def uuid(self):
         return "a user's joint pass"
