@@ -4,11 +4,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# CI: derandomized, no deadline (Inductor compiles take seconds). VELORA_FX_HYPOTHESIS=thorough runs more examples.
+# CI: derandomized, no deadline (Inductor compiles take seconds), no example database (nothing is written into the
+# working tree). VELORA_FX_HYPOTHESIS=thorough draws fresh examples for the tests whose count the profile sets.
 settings.register_profile(
-    "ci", derandomize=True, deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+    "ci", derandomize=True, deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("thorough", deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "thorough", deadline=None, max_examples=400, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("thorough" if os.environ.get("VELORA_FX_HYPOTHESIS") == "thorough" else "ci")
 
 

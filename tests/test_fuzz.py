@@ -1,23 +1,24 @@
-"""Fuzzing velora_fx.backend: random small architectures and shapes, checked against the default backend.
+"""Fuzzing velora_fx.backend: random small architectures that compress, checked against eager exact training and the
+VeLoRA formula.
 
-Hypothesis draws a spec (stacks of ``nn.Linear`` / ``F.linear`` / ``x @ W`` /
-``x @ W.t()`` sites, RMSNorm / LayerNorm, activations, residual adds, a small
-SDPA attention, one input feeding several linears, frozen parts, with and
-without bias) and the shapes (lead dims of rank 1-2, feature sizes that may
-not divide ``num_groups``, or be smaller than it). Each architecture compiled
-with ``velora_fx.make_backend`` must compile (or be refused with an error
-naming velora_fx) and give, against the default ``torch.compile`` of a deep
-copy: the same output, the same input gradient ``dx``, the same gradient for
-every parameter that is not compressed, and for every compressed weight the
-VeLoRA formula ``scale · gᵀ x̂`` from ``X`` / ``g`` captured in an eager run
-with the model's own ``v`` buffers.
+Hypothesis draws a spec: a first trainable layer reading the model input (so that every example has something to
+compress), then blocks of every site kind — ``nn.Linear``, ``F.linear``, ``x @ W``, ``x @ W.t()``, GPT-2's
+``Conv1D`` (``addmm(b, x, W)``), ``bmm`` with a 3-D weight — with norms, activations, residual adds, SDPA attention,
+one input read by several weights (q/k/v-like), a weight used twice (tied), frozen weights; shapes whose feature size
+may not divide ``num_groups``; fp32 or bf16 autocast; static or dynamic shapes. Each model is compiled once with
+``velora_fx.make_backend``, prepared or not, and must give, against an eager deep copy: the same output, the same input
+gradient, the same gradient for every parameter that is not compressed, and for every compressed weight the VeLoRA
+formula ``scale · Σ_uses gᵀ x̂`` from the ``X`` / ``g`` of each use, with ``v`` the calibrated mean direction of all
+its inputs. Every trainable weight is reported; at least 80 % of the examples compress something (asserted over the
+run by the last test of this file).
 
-CI runs a few derandomized examples (each costs two Inductor compiles);
-``VELORA_FX_HYPOTHESIS=thorough`` runs many more.
+Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of examples (CI: 20, under 2 minutes on 2 cores);
+``VELORA_FX_FUZZ_EXAMPLES=1000`` is the on-demand run (README.md gives the command and what it found).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -37,19 +38,19 @@ from velora_fx.report import COMPRESSED, SKIPPED
 
 from .helpers import directions
 
-THOROUGH = os.environ.get("VELORA_FX_HYPOTHESIS") == "thorough"
-MAX_EXAMPLES = 60 if THOROUGH else 6
-RTOL, ATOL = 1e-4, 1e-5
-
+MAX_EXAMPLES = int(os.environ.get("VELORA_FX_FUZZ_EXAMPLES", "20"))
 ACTS = {"none": lambda x: x, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+KINDS = ("module", "functional", "matmul", "matmul_t", "addmm", "bmm")
+
+OUTCOMES: list[dict] = []  # one per example run: what it compressed (read by the last test)
 
 
-# -- the architecture spec --------------------------------------------------------------------
+# -- the architecture spec --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LinSpec:
-    kind: str  # "module" (nn.Linear), "functional" (F.linear), "matmul" (x @ W), "matmul_t" (x @ W.t())
+    kind: str  # one of KINDS
     out: int
     bias: bool
     frozen: bool
@@ -57,7 +58,7 @@ class LinSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    kind: str  # "linear", "norm", "fanout", "attn"
+    kind: str  # "linear", "norm", "fanout", "attn", "tied"
     lins: tuple[LinSpec, ...] = ()
     act: str = "none"
     residual: bool = False
@@ -74,28 +75,36 @@ class ArchSpec:
     blocks: tuple[BlockSpec, ...]
     num_groups: int
     scale: float
+    autocast: bool
+    dynamic: bool
+    prepared: bool
 
 
-_DIMS = [3, 5, 6, 8, 12, 16, 20, 24]
+_DIMS = [6, 8, 12, 16, 20, 24, 32]
 
 
 @st.composite
-def lin_specs(draw, out: Optional[int] = None) -> LinSpec:
+def lin_specs(draw, out: Optional[int] = None, kinds=KINDS, frozen_ok: bool = True) -> LinSpec:
     return LinSpec(
-        kind=draw(st.sampled_from(["module", "functional", "matmul", "matmul_t"])),
+        kind=draw(st.sampled_from(kinds)),
         out=out if out is not None else draw(st.sampled_from(_DIMS)),
         bias=draw(st.booleans()),
-        frozen=draw(st.integers(0, 4)) == 0,
+        frozen=frozen_ok and draw(st.integers(0, 5)) == 0,
     )
 
 
 @st.composite
 def arch_specs(draw) -> ArchSpec:
-    dim = draw(st.sampled_from(_DIMS))
-    lead = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=2)))
-    blocks, width = [], dim
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["linear", "linear", "norm", "fanout", "attn"] if len(lead) == 2 else ["linear", "linear", "norm", "fanout"]))
+    groups = draw(st.sampled_from([2, 3, 4]))
+    dim = draw(st.sampled_from([d for d in _DIMS if d >= 2 * groups]))
+    lead = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    if math.prod(lead) == 1:  # a single row: Inductor turns the matmul into mul + sum (no site): two rows at least
+        lead = (*lead[:-1], 2)
+    first = draw(lin_specs(kinds=KINDS, frozen_ok=False))  # reads the model input: compressible
+    blocks = [BlockSpec("linear", (first,), draw(st.sampled_from(["none", "gelu", "silu"])))]
+    width = first.out
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["linear", "norm", "fanout", "tied"] + (["attn"] if len(lead) == 2 else [])))
         if kind == "linear":
             lin = draw(lin_specs())
             residual = lin.out == width and draw(st.booleans())
@@ -103,23 +112,28 @@ def arch_specs(draw) -> ArchSpec:
             width = lin.out
         elif kind == "norm":
             blocks.append(BlockSpec("norm", norm=draw(st.sampled_from(["rms", "layer"]))))
-        elif kind == "fanout":  # one input, several linears of one output size: q/k/v- or gate/up-like
+        elif kind == "fanout":  # one input, several weights of one output size: q/k/v- or gate/up-like
             out = draw(st.sampled_from(_DIMS))
             lins = tuple(draw(lin_specs(out)) for _ in range(draw(st.integers(2, 3))))
-            blocks.append(BlockSpec("fanout", lins, draw(st.sampled_from(sorted(ACTS))), combine=draw(st.sampled_from(["sum", "gated"]))))
+            blocks.append(BlockSpec("fanout", lins, draw(st.sampled_from(sorted(ACTS))),
+                                    combine=draw(st.sampled_from(["sum", "gated"]))))  # fmt: skip
             width = out
+        elif kind == "tied":  # one square weight applied twice (to x, then to act(x W)): tied uses
+            lin = draw(lin_specs(width, kinds=("module", "functional", "matmul", "matmul_t")))
+            blocks.append(BlockSpec("tied", (lin,), draw(st.sampled_from(sorted(ACTS)))))
         else:  # q, k, v, o projections around SDPA; heads divide the width
             heads = draw(st.sampled_from([h for h in (1, 2, 4) if width % h == 0]))
             lins = tuple(draw(lin_specs(width)) for _ in range(4))
             blocks.append(BlockSpec("attn", lins, residual=draw(st.booleans()), heads=heads, causal=draw(st.booleans())))
-    return ArchSpec(dim, lead, tuple(blocks), draw(st.sampled_from([2, 3, 4, 8])), draw(st.sampled_from([1.0, 0.5])))
+    return ArchSpec(dim, lead, tuple(blocks), groups, draw(st.sampled_from([1.0, 0.5])), draw(st.integers(0, 3)) == 0,
+                    draw(st.integers(0, 3)) == 0, draw(st.booleans()))  # fmt: skip
 
 
-# -- the module built from a spec ---------------------------------------------------------------
+# -- the module built from a spec --------------------------------------------------------------------------------
 
 
 class Lin(nn.Module):
-    """One weight-carrying matmul written in the way the spec says; ``tap`` records its ``X`` and ``g`` (eager only)."""
+    """One weight-carrying matmul written the way the spec says; ``taps`` records each use's ``X`` and ``g``."""
 
     def __init__(self, spec: LinSpec, features: int):
         super().__init__()
@@ -127,27 +141,40 @@ class Lin(nn.Module):
         if spec.kind == "module":
             self.lin = nn.Linear(features, spec.out, bias=spec.bias)
         else:
-            shape = (features, spec.out) if spec.kind == "matmul" else (spec.out, features)
-            self.weight = nn.Parameter(torch.randn(shape) / features**0.5)
+            shape = {"functional": (spec.out, features), "matmul_t": (spec.out, features), "bmm": (2, features, spec.out)}
+            self.weight = nn.Parameter(torch.randn(shape.get(spec.kind, (features, spec.out))) / features**0.5)
             self.bias = nn.Parameter(torch.randn(spec.out) * 0.1) if spec.bias else None
         if spec.frozen:
             for p in self.parameters():
                 p.requires_grad_(False)
-        self.tap: Optional[dict] = None
+        self.taps: Optional[list] = None
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.lin.weight if self.kind == "module" else self.weight
 
     def forward(self, x):
+        if self.kind == "bmm":  # two scaled copies of the rows, one weight slice each: aten.bmm with a 3-D weight
+            rows = x.reshape(-1, x.shape[-1])
+            x = torch.stack([rows, 0.5 * rows])
         if self.kind == "module":
             y = self.lin(x)
         elif self.kind == "functional":
             y = F.linear(x, self.weight, self.bias)
+        elif self.kind == "addmm":  # GPT-2's Conv1D
+            y = torch.addmm(self.bias if self.bias is not None else torch.zeros(self.weight.shape[1]),
+                            x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)  # fmt: skip
+        elif self.kind == "bmm":
+            y = torch.bmm(x, self.weight)
         else:
             y = x @ (self.weight if self.kind == "matmul" else self.weight.t())
-            if self.bias is not None:
-                y = y + self.bias
-        if self.tap is not None and torch.is_grad_enabled():
-            self.tap["x"] = x.detach()
-            y.register_hook(lambda g, tap=self.tap: tap.__setitem__("g", g.detach()))
-        return y
+        if self.kind not in ("module", "functional", "addmm") and self.bias is not None:
+            y = y + self.bias
+        if self.taps is not None and torch.is_grad_enabled():
+            tap = {"x": x.detach()}
+            self.taps.append(tap)
+            y.register_hook(lambda g, tap=tap: tap.__setitem__("g", g.detach()))
+        return y.sum(0) if self.kind == "bmm" else y  # bmm: rows x out; the blocks reshape to the lead dims
 
 
 class RMSNorm(nn.Module):
@@ -173,18 +200,23 @@ class Block(nn.Module):
         act = ACTS[s.act]
         if s.kind == "norm":
             return self.norm(x)
-        if s.kind == "linear":
-            y = act(self.lins[0](x))
+        if s.kind in ("linear", "tied"):
+            lead = x.shape[:-1]
+            y = act(self.lins[0](x).reshape(*lead, -1))
+            if s.kind == "tied":
+                y = x + self.lins[0](y).reshape(*lead, -1)
             return x + y if s.residual else y
         if s.kind == "fanout":
-            ys = [lin(x) for lin in self.lins]
+            lead = x.shape[:-1]
+            ys = [lin(x).reshape(*lead, -1) for lin in self.lins]
             if s.combine == "gated":
                 y = act(ys[0]) * ys[1]
                 return y + ys[2] if len(ys) > 2 else y
             return act(sum(ys[1:], ys[0]))
-        q, k, v = (lin(x).unflatten(-1, (s.heads, -1)).transpose(-3, -2) for lin in self.lins[:3])
+        lead = x.shape[:-1]
+        q, k, v = (lin(x).reshape(*lead, -1).unflatten(-1, (s.heads, -1)).transpose(-3, -2) for lin in self.lins[:3])
         o = F.scaled_dot_product_attention(q, k, v, is_causal=s.causal)
-        y = self.lins[3](o.transpose(-3, -2).flatten(-2))
+        y = self.lins[3](o.transpose(-3, -2).flatten(-2)).reshape(*lead, -1)
         return x + y if s.residual else y
 
 
@@ -197,6 +229,7 @@ class FuzzNet(nn.Module):
             if b.kind in ("linear", "fanout"):
                 width = b.lins[0].out
         self.blocks = nn.ModuleList(blocks)
+        self.out_width = width
 
     def forward(self, x):
         for block in self.blocks:
@@ -204,63 +237,66 @@ class FuzzNet(nn.Module):
         return x
 
 
-# -- the oracle -----------------------------------------------------------------------------------
+# -- the oracle ----------------------------------------------------------------------------------------------------
 
 
-def _step(model, x, r):
-    """Output, loss gradient w.r.t. ``x``, and parameter gradients of ``(model(x) * r).sum()``."""
+def _step(model, x, r, autocast: bool):
+    """Output, input gradient and parameter gradients of ``(model(x) * r).sum()``."""
     x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * r).sum().backward()
-    root = getattr(model, "_orig_mod", model)  # parameter names of the user's module, not of torch.compile's wrapper
-    grads = {n: p.grad.clone() for n, p in root.named_parameters() if p.grad is not None}
-    return out.detach(), x.grad, grads
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        out = model(x)
+    (out.float() * r).sum().backward()
+    root = getattr(model, "_orig_mod", model)
+    return out.detach().float(), x.grad, {n: p.grad.clone() for n, p in root.named_parameters() if p.grad is not None}
 
 
-def _close(got, want, what):
-    torch.testing.assert_close(
-        got, want, rtol=RTOL, atol=ATOL * max(1.0, float(want.abs().max()) if want.numel() else 1.0), msg=lambda m: f"{what}: {m}"
-    )
+def _close(got, want, what, autocast: bool):
+    rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)
+    scale = max(1.0, float(want.abs().max()) if want.numel() else 1.0)
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def _velora_dw(lin: Lin, x, g, v, scale):
-    """``scale · gᵀ x̂`` in the weight's own layout, ``x̂`` from ``ops.project`` / ``ops.reconstruct``."""
-    features = x.shape[-1]
-    x_hat = ops.reconstruct(ops.project(x, v), v, features).reshape(-1, features)
-    dw = g.reshape(-1, g.shape[-1]).t() @ x_hat  # (out, D)
-    return scale * (dw.t() if lin.kind == "matmul" else dw)
+def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autocast: bool) -> torch.Tensor:
+    """``scale · Σ_uses gᵀ x̂`` in the weight's own layout, ``x̂`` from ``ops.project`` / ``ops.reconstruct``."""
+    total = 0
+    for tap in taps:
+        x, g = tap["x"].double(), tap["g"].double()
+        if autocast:
+            x = tap["x"].to(torch.bfloat16).double()  # autocast runs the matmul on bf16 inputs
+        x_hat = ops.reconstruct(ops.project(x, v.double()), v.double(), x.shape[-1])
+        if lin.kind == "bmm":
+            total = total + torch.einsum("bnd,bno->bdo", x_hat, g)
+        else:
+            dw = g.reshape(-1, g.shape[-1]).t() @ x_hat.reshape(-1, x.shape[-1])  # (out, D)
+            total = total + (dw if lin.kind in ("module", "functional", "matmul_t") else dw.t())
+    return scale * total
 
 
-# No shrinking: every step of it costs two Inductor compiles; the failing spec is printed whole (note()).
+# No shrinking: every step of it costs an Inductor compile; the failing spec is printed whole (note()).
 @settings(max_examples=MAX_EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(spec=arch_specs(), seed=st.integers(0, 2**16))
-def test_random_architecture_matches_default_backend_and_velora_formula(spec, seed):
+def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
     note(repr(spec))
     torch._dynamo.reset()  # every example is a new model: no recompile limit, no stale dynamic shapes
     torch.manual_seed(seed)
     model = FuzzNet(spec)
-    default_model, eager = copy.deepcopy(model), copy.deepcopy(model)
-    width = _out_width(spec)
+    eager = copy.deepcopy(model)
     x = torch.randn(*spec.lead, spec.dim)
-    r = torch.randn(*spec.lead, width)
+    r = torch.randn(*spec.lead, model.out_width)
     cfg = VeloraConfig(num_groups=spec.num_groups, scale=spec.scale)
-
-    try:
-        out, dx, got = _step(torch.compile(model, backend=velora_fx.make_backend(cfg)), x, r)
-    except Exception as e:  # refused: only with an error that says who refused and why
-        assert "velora_fx" in str(e), f"unclear error for {spec}: {type(e).__name__}: {e}"
-        note(f"refused: {e}")
-        return
-    want_out, want_dx, want = _step(torch.compile(default_model), x, r)
+    if spec.prepared:
+        velora_fx.prepare(model)
+    compiled = torch.compile(model, backend=velora_fx.make_backend(cfg), dynamic=spec.dynamic or None)
+    out, dx, got = _step(compiled, x, r, spec.autocast)
 
     taps = {}
     for name, mod in eager.named_modules():
         if isinstance(mod, Lin):
-            mod.tap = taps[name] = {}
-    _step(eager, x, r)
-
-    _close(out, want_out, "output")
-    _close(dx, want_dx, "dx")
+            mod.taps = taps[name] = []
+    want_out, want_dx, want = _step(eager, x, r, spec.autocast)
+    _close(out, want_out, "output", spec.autocast)
+    _close(dx, want_dx, "dx", spec.autocast)
     assert set(got) == set(want)
 
     rep = velora_fx.report(model)
@@ -269,49 +305,53 @@ def test_random_architecture_matches_default_backend_and_velora_formula(spec, se
     weight_of = {(f"{n}.lin.weight" if m.kind == "module" else f"{n}.weight"): n for n, m in lins.items()}
     params = dict(model.named_parameters())
     trainable = {w for w in weight_of if params[w].requires_grad}
-    reported = {r_.weight for r_ in rep}
-    assert reported <= set(params)
-    # Every trainable weight is reported, except a single-token batch: Inductor's CPU decomposition turns a matmul
-    # with one row into mul + sum (no matmul site, nothing stored for dW: exact; see DESIGN.md). The gradient
-    # checks below still hold such a weight to the exact gradient.
-    if math.prod(spec.lead) > 1:
-        assert trainable <= reported, f"trainable weights missing from the report: {trainable - reported}"
+    assert trainable <= {r_.weight for r_ in rep} <= set(params), "every trainable weight is reported"
     assert all(r_.status in (COMPRESSED, SKIPPED) and r_.reason for r_ in rep)
     compressed = {r_.weight for r_ in rep.compressed}
     assert compressed <= trainable
+    OUTCOMES.append({"compressed": len(compressed), "kinds": {lins[weight_of[w]].kind for w in compressed}})
     vs = directions(model)
+    assert set(vs) >= compressed
     for name in got:
         if name not in compressed:
-            _close(got[name], want[name], name)  # exact: norms, biases, skipped weights
+            _close(got[name], want[name], name, spec.autocast)  # exact: norms, biases, skipped weights
     for weight in compressed:
         lin_name = weight_of[weight]
-        tap = taps[lin_name]
+        uses = taps[lin_name]
+        xs = torch.cat([u["x"].reshape(-1, u["x"].shape[-1]) for u in uses])
+        if spec.autocast:
+            xs = xs.to(torch.bfloat16)
         v = vs[weight]
-        features = tap["x"].shape[-1]
-        assert v.shape == (cfg.sub_token_size_for(features),)
-        _close(v, ops.initial_direction(tap["x"], v.shape[0], weight), f"{weight} v")
-        _close(got[weight], _velora_dw(lins[lin_name], tap["x"], tap["g"], v, spec.scale), weight)
+        assert v.shape == (cfg.sub_token_size_for(xs.shape[-1]),)
+        _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast)
+        _close(got[weight], _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast), weight, spec.autocast)
 
 
-def _out_width(spec: ArchSpec) -> int:
-    width = spec.dim
-    for b in spec.blocks:
-        if b.kind in ("linear", "fanout"):
-            width = b.lins[0].out
-    return width
+def test_most_examples_compress_and_every_site_kind_is_compressed():
+    """Over the run above: at least 80 % of the examples compressed a weight, and each site kind was compressed."""
+    if not OUTCOMES:
+        pytest.skip("the fuzz test did not run in this session")
+    share = sum(o["compressed"] > 0 for o in OUTCOMES) / len(OUTCOMES)
+    assert share >= 0.8, f"only {share:.0%} of {len(OUTCOMES)} examples compressed anything"
+    if len(OUTCOMES) >= 20:
+        kinds = set().union(*(o["kinds"] for o in OUTCOMES))
+        assert kinds == set(KINDS), f"site kinds never compressed: {set(KINDS) - kinds}"
 
 
-@pytest.mark.parametrize("kind", ["module", "functional", "matmul", "matmul_t"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_oracle_sees_every_site_kind(kind):
-    """The spec's building blocks, eagerly: the taps record ``X`` and ``g`` for each way of writing the matmul."""
+    """The spec's building blocks, eagerly: the taps record ``X`` and ``g``, and the formula with a ``v`` spanning
+    the only sub-token gives the exact gradient."""
     lin = Lin(LinSpec(kind, 6, True, False), 4)
-    lin.tap = {}
+    lin.taps = []
     x = torch.randn(2, 3, 4, requires_grad=True)
     (lin(x) * 2).sum().backward()
-    assert lin.tap["x"].shape == (2, 3, 4) and torch.equal(lin.tap["g"], torch.full((2, 3, 6), 2.0))
-    v = torch.ones(4) / 2  # d = 4 = D, one sub-token: x̂ = (x · v) v
-    weight = lin.lin.weight if kind == "module" else lin.weight
-    x_hat = (x.detach() @ v)[..., None] * v
-    exact = (lin.tap["g"].reshape(-1, 6).t() @ x_hat.reshape(-1, 4))
-    _close(_velora_dw(lin, lin.tap["x"], lin.tap["g"], v, 1.0), exact.t() if kind == "matmul" else exact, kind)
-    assert weight.grad.shape == _velora_dw(lin, lin.tap["x"], lin.tap["g"], v, 1.0).shape
+    (tap,) = lin.taps
+    assert tap["x"].shape[-1] == 4 and torch.equal(tap["g"], torch.full_like(tap["g"], 2.0))
+    xs = tap["x"].reshape(-1, 4)
+    v = xs[0] / xs[0].norm()  # d = 4 = D, one sub-token; every row a multiple of v only if rank 1: make it so
+    lin.taps = []
+    lin.param.grad = None
+    x1 = (torch.rand(2, 3, 1) + 0.5) * v
+    (lin(x1) * 2).sum().backward()
+    torch.testing.assert_close(_velora_dw(lin, lin.taps, v, 1.0, False).float(), lin.param.grad, rtol=1e-5, atol=1e-5)
