@@ -13,13 +13,12 @@ with each instance's names (``render``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from velora_fx.report import SiteRecord
 
-__all__ = ["ParamSlot", "GraphSpec", "PlannedSite", "escape", "plan_to_json", "plan_from_json"]
+__all__ = ["ParamSlot", "GraphSpec", "PlannedSite", "escape"]
 
 
 @dataclass(frozen=True)
@@ -103,17 +102,3 @@ class PlannedSite:
             bytes_before=self.bytes_before,
             bytes_after=self.bytes_after,
         )
-
-
-def plan_to_json(sites: Iterable[PlannedSite]) -> str:
-    return json.dumps([dataclasses.asdict(s) for s in sites])
-
-
-def plan_from_json(text: str) -> list[PlannedSite]:
-    out = []
-    for item in json.loads(text):
-        item["related"] = tuple(item["related"])
-        if item.get("input_shape") is not None:
-            item["input_shape"] = tuple(item["input_shape"])
-        out.append(PlannedSite(**item))
-    return out

@@ -171,8 +171,9 @@ def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[Decision]:
         if reason is None:
             n = -(-site.features // basis_shape[0]) * basis_shape[1]
             text = f"input kept as {n} projections per token"
-            if leader != site.weight_name:
-                text += f"; basis and p shared with {leader}"
+            members = [s.weight_name for s, r in group if r is None]
+            if len(members) > 1:  # one text for the whole group: the report prints it once
+                text += f"; {', '.join(members)} read one input and keep one p"
         record = SiteRecord(
             graph=GRAPH_NAME, node=site.node.name, weight=site.weight_name, status=SKIPPED if reason else COMPRESSED,
             reason=text, sub_token_size=None if basis_shape is None else basis_shape[0],
@@ -287,8 +288,7 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
                 if not kept:
                     changes.update(status=SKIPPED, bytes_after=before, reason=f"below min_saved_bytes ({before} bytes)")
                 elif node.args[1] in first_user:
-                    changes.update(bytes_before=0, reason=f"{record.reason}; input shared with "
-                                   f"{first_user[node.args[1]]} (counted there)")  # fmt: skip
+                    changes.update(bytes_before=0)  # counted on the first site reading the input
                     if node.args[2].kwargs["site"] != record.node:  # p counted on the site that computed it
                         changes["bytes_after"] = 0
                 first_user.setdefault(node.args[1], record.node)

@@ -211,7 +211,7 @@ class _Graph:
             inputs, other = self.grads_reached(consumer)
             is_matmul = consumer.op == "call_function" and consumer.target in (aten.mm.default, aten.bmm.default)
             if not is_matmul or len(inputs) != 1 or other:
-                return f"the input is kept for backward anyway: read by {escape(consumer.format_node())}"
+                return f"the input is kept for backward anyway: {escape(_op_name(consumer))} reads it"
         return ""
 
 
@@ -307,7 +307,7 @@ def _decide(x, xs: list[_Site], spec: GraphSpec, config: VeloraConfig, g: _Graph
         reads = chain[-1] if chain else x
         if not is_matmul or len(inputs) != 1 or other:
             reason = g.kept_anyway(x)
-            return None, reason or f"the input is read in backward by {escape(consumer.format_node())}", ()
+            return None, reason or f"the input is read in backward by {escape(_op_name(consumer))} ({consumer.name})", ()
         (index,) = inputs
         if index not in slot_of_input:
             return None, f"the input also feeds the gradient of input {index} ({consumer.name})", ()
@@ -347,14 +347,13 @@ def _records(sites: list[_Site], by_x, groups, spec: GraphSpec) -> list[PlannedS
         if compressed:
             projected.add(key)
             reason, related = "compressed", ()
-            others = sorted({s.slot for s in by_x[x] if s is not site})
-            if others:
-                reason += "; input shared with " + ", ".join(f"{{{i}}}" for i in range(len(others)))
-                reason += " (its bytes counted on the first site)"
-                related = tuple(others)
-            if slot.leader is not None:
-                reason += f"; basis and p shared with {{{len(related)}}}"
-                related += (slot.leader,)
+            group = sorted({s.slot for s in by_x[x]})
+            if len(group) > 1:  # one text for the whole group: the report prints it once
+                one_p = len({spec.slots[k].basis_primal for k in group}) == 1
+                names = ", ".join(f"{{{i}}}" for i in range(len(group)))
+                reason = (f"compressed; {names} read one input and keep one p" if one_p else
+                          f"compressed; {names} read one input (a p each)") + " (its bytes counted on the first)"
+                related = tuple(group)
         planned.append(PlannedSite(
             site.slot, site.node.name, COMPRESSED if compressed else SKIPPED, reason, related, shape,
             str(dtype).replace("torch.", ""), slot.sub_token_size if compressed else None, before, after,

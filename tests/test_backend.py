@@ -129,7 +129,10 @@ def test_stack_report_compresses_all_but_o_proj(stack):
     q = [r for r in rep if r.weight.endswith("q_proj.weight")]
     k = [r for r in rep if r.weight.endswith("k_proj.weight")]
     assert all(r.bytes_before == 2 * 16 * 64 * 4 for r in q) and all(r.bytes_before == 0 for r in k)
-    assert "shared with" in k[0].reason
+    assert k[0].reason == q[0].reason == (
+        "compressed; layers.0.self_attn.q_proj.weight, layers.0.self_attn.k_proj.weight, "
+        "layers.0.self_attn.v_proj.weight read one input and keep one p (its bytes counted on the first)"
+    )
 
 
 def test_stack_exact_gradients_equal_default_compile(stack):
@@ -441,7 +444,8 @@ def test_graph_break_every_graph_rewritten_and_reported(broken):
         if r.weight.endswith("out.weight"):
             assert r.status == SKIPPED and "kept for backward anyway" in r.reason, r  # tanh keeps its output
     assert {r.weight for r in rep.compressed} == {w for w in weights if not w.endswith("out.weight")}
-    assert "shared with layers.1.mlp.up_proj.weight" in next(r.reason for r in rep if r.weight == "layers.1.mlp.gate_proj.weight")
+    assert "layers.1.mlp.gate_proj.weight, layers.1.mlp.up_proj.weight read one input and keep one p" in next(
+        r.reason for r in rep if r.weight == "layers.1.mlp.gate_proj.weight")
 
 
 def test_graph_break_two_instances_use_their_own_v(broken):

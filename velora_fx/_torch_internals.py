@@ -35,13 +35,17 @@ __all__ = [
     "stable_topological_sort",
     "compile_caches",
     "aot_cache_hits",
+    "compile_caches_enabled",
     "JointLayout",
     "joint_layout",
     "snapshot_graph",
     "restore_graph",
-    "with_joint_pre_pass",
     "memory_budget_patch",
     "generated_code",
+    "with_custom_passes",
+    "saved_for_backward",
+    "input_positions",
+    "is_tangent",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -206,12 +210,24 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
 
 @contextlib.contextmanager
 def compile_caches(enabled: bool) -> Iterator[None]:
-    """Turn Inductor's FX graph cache and the AOTAutograd cache on or off (tests and benchmarks)."""
+    """Turn Inductor's FX graph cache and the AOTAutograd cache off (``False``), or leave them as they are
+    (``True``, torch's default: on) — never on against a user's choice."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(fx_graph_cache=enabled), functorch_config.patch(enable_autograd_cache=enabled):
+    if enabled:
         yield
+        return
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
+def compile_caches_enabled() -> bool:
+    """Whether Inductor's FX graph cache or the AOTAutograd cache is on."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.fx_graph_cache or functorch_config.enable_autograd_cache)
 
 
 def aot_cache_hits() -> int:
@@ -283,18 +299,43 @@ def restore_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
     graph.output(graph.graph_copy(snapshot, {})).meta = dict(snapshot.output_node().meta)
 
 
-def with_joint_pre_pass(ours: Any) -> dict[str, Any]:
-    """Inductor config patches that run ``ours`` first among the joint-graph pre-passes, keeping the user's."""
+def with_custom_passes(**ours: Any) -> dict[str, Any]:
+    """Inductor config patches that run each of ``ours`` first among the custom passes of its slot
+    (``joint_custom_pre_pass=...``, ``post_grad_custom_post_pass=...``), keeping the user's own after it."""
     import torch._inductor.config as inductor_config
     from torch._inductor import custom_graph_pass
 
-    theirs = inductor_config.joint_custom_pre_pass
-    if theirs is None:
-        return {"joint_custom_pre_pass": ours}
-    if not hasattr(custom_graph_pass, "get_custom_graph_passes"):
-        raise RuntimeError("velora_fx: this torch takes one joint_custom_pre_pass; unset yours to use velora_fx")
-    existing = list(theirs) if isinstance(theirs, (list, tuple)) else [theirs]
-    return {"joint_custom_pre_pass": [ours, *existing]}
+    patches = {}
+    for slot, pass_ in ours.items():
+        theirs = getattr(inductor_config, slot)
+        if theirs is None:
+            patches[slot] = pass_
+            continue
+        if not hasattr(custom_graph_pass, "get_custom_graph_passes"):
+            raise RuntimeError(f"velora_fx: this torch takes one {slot}; unset yours to use velora_fx")
+        patches[slot] = [pass_, *(list(theirs) if isinstance(theirs, (list, tuple)) else [theirs])]
+    return patches
+
+
+def saved_for_backward(graph: torch.fx.Graph) -> Optional[list[torch.fx.Node]]:
+    """The outputs of a partitioned forward graph that AOTAutograd saves for backward; ``None`` for a graph whose
+    outputs are not described so (a backward graph)."""
+    from torch._functorch._aot_autograd import descriptors
+
+    kinds = tuple(getattr(descriptors, k) for k in ("SavedForBackwardsAOTOutput", "SavedForBackwardsNoVcCheckAOTOutput")
+                  if hasattr(descriptors, k))  # fmt: skip
+    output = graph.output_node()
+    descs = output.meta.get("desc")
+    if not descs or not any(isinstance(d, kinds) for d in descs):
+        return None
+    return [n for n, d in zip(output.args[0], descs) if isinstance(d, kinds) and isinstance(n, torch.fx.Node)]
+
+
+def input_positions(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
+    """Each placeholder of an AOTAutograd graph that is a plain input, with its position among the compiled inputs."""
+    from torch._functorch._aot_autograd.descriptors import PlainAOTInput
+
+    return {n: n.meta["desc"].idx for n in graph.find_nodes(op="placeholder") if isinstance(n.meta.get("desc"), PlainAOTInput)}
 
 
 def memory_budget_patch(budget: Optional[float]) -> contextlib.AbstractContextManager:
@@ -312,3 +353,10 @@ def generated_code(fn: Callable[[], Any]) -> list[str]:
 
     _, code = run_and_get_code(fn)
     return list(code)
+
+
+def is_tangent(node: torch.fx.Node) -> bool:
+    """Whether a placeholder of an AOTAutograd joint graph is a tangent (the gradient of an output)."""
+    from torch._functorch._aot_autograd.descriptors import TangentAOTInput
+
+    return isinstance(node.meta.get("desc"), TangentAOTInput)

@@ -30,6 +30,7 @@ from velora_fx.config import VeloraConfig
 from velora_fx.estimators import Estimator, for_config
 from velora_fx.passes.contract import GraphSpec, ParamSlot
 from velora_fx.passes.dynamo_graph import insert_direction_refresh
+from velora_fx.partition_summary import ForwardSummary, JointOutline
 from velora_fx.passes.joint_graph import VeloraJointPass
 from velora_fx.runtime import CompiledGraph, distributed
 from velora_fx.state import find_owner
@@ -101,8 +102,10 @@ class VeloraBackend:
             decay = config.ema_decay if config.init == "ema" else None
             n_refresh = insert_direction_refresh(new_gm, slots, uses_by_primal, basis_at, decay)
         spec = GraphSpec(name, num_inputs + len(new_inputs), tuple(slots))
-        compiled, sites = _compile_with_pass(new_gm, examples, patches, spec, config)
-        return CompiledGraph(compiled, gm, spec, uses, sites, n_refresh, estimator)
+        parameters = {i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))
+                      if isinstance(ti.placeholder_example(n), torch.nn.Parameter)}  # fmt: skip
+        compiled, sites, summary = _compile_with_pass(new_gm, examples, patches, spec, config, parameters)
+        return CompiledGraph(compiled, gm, spec, uses, sites, n_refresh, estimator, summary)
 
     def reset(self) -> None:
         """Called by ``torch._dynamo.reset()``; nothing to drop (the state lives on the models)."""
@@ -138,23 +141,29 @@ def _slots(params, uses, config: VeloraConfig, estimator: Estimator, num_inputs:
     return slots, new_inputs
 
 
-def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraConfig):
-    """Inductor's compile with the joint-graph pass; the plan from the pass, or from the store on a cache hit."""
-    joint_pass = VeloraJointPass(spec, config)
-    key = plan_store.graph_key(gm, examples, joint_pass.uuid())
-    with ti.inductor_patch(**ti.with_joint_pre_pass(joint_pass)), ti.memory_budget_patch(config.memory_budget):
-        compiled = ti.compile_fx(gm, examples, patches)
-    if joint_pass.plan is None:  # a compile-cache hit: the pass did not run; its plan was stored when it did
-        sites = plan_store.load(key)
-        if sites is not None:
-            return compiled, sites
-        log.info("velora_fx: %s came from the compile cache without its plan; recompiling it", spec.name)
+def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraConfig, parameters: set[int]):
+    """Inductor's compile with the joint-graph pass and the partition summary; the plan and the summary from the
+    passes, or from the store on a compile-cache hit (where they do not run)."""
+
+    def compile_once(caches: bool):
         joint_pass = VeloraJointPass(spec, config)
-        with ti.inductor_patch(**ti.with_joint_pre_pass(joint_pass)), ti.memory_budget_patch(config.memory_budget), \
-                ti.compile_caches(False):  # fmt: skip
-            compiled = ti.compile_fx(gm, examples, patches)
-    plan_store.store(key, joint_pass.plan.sites)
-    return compiled, joint_pass.plan.sites
+        outline = JointOutline()
+        summary = ForwardSummary(spec.name, outline, parameters, config.memory_budget)
+        passes = ti.with_custom_passes(joint_custom_pre_pass=joint_pass, joint_custom_post_pass=outline,
+                                       post_grad_custom_post_pass=summary)  # fmt: skip
+        with ti.inductor_patch(**passes), ti.memory_budget_patch(config.memory_budget), ti.compile_caches(caches):
+            return ti.compile_fx(gm, examples, patches), joint_pass, summary
+
+    key = plan_store.graph_key(gm, examples, VeloraJointPass(spec, config).uuid())
+    compiled, joint_pass, summary = compile_once(caches=ti.compile_caches_enabled())
+    if joint_pass.plan is None:  # a compile-cache hit: the passes did not run; what they found was stored
+        stored = plan_store.load(key)
+        if stored is not None:
+            return (compiled, *stored)
+        log.info("velora_fx: %s came from the compile cache without its plan; recompiling it", spec.name)
+        compiled, joint_pass, summary = compile_once(caches=False)
+    plan_store.store(key, joint_pass.plan.sites, summary.summary)
+    return compiled, joint_pass.plan.sites, summary.summary
 
 
 def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:

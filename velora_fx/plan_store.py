@@ -9,7 +9,9 @@ and read back on a hit. Nothing is kept in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 from typing import Any, Optional, Sequence
@@ -18,7 +20,8 @@ import torch
 import torch.fx
 
 from velora_fx import _torch_internals as ti
-from velora_fx.passes.contract import PlannedSite, plan_from_json, plan_to_json
+from velora_fx.passes.contract import PlannedSite
+from velora_fx.report import GraphSummary
 
 __all__ = ["graph_key", "store", "load"]
 
@@ -45,23 +48,30 @@ def _path(key: str) -> str:
     return os.path.join(ti.cache_dir(), "velora_fx", "plans", f"{key}.json")
 
 
-def store(key: str, sites: Sequence[PlannedSite]) -> None:
-    """Write the plan of the graph ``key`` (atomically); a failure is logged, never raised."""
+def store(key: str, sites: Sequence[PlannedSite], summary: Optional[GraphSummary]) -> None:
+    """Write the plan and the partition summary of the graph ``key`` (atomically); a failure is logged, never raised."""
+    text = json.dumps({"sites": [dataclasses.asdict(s) for s in sites],
+                       "summary": None if summary is None else summary.to_dict()})  # fmt: skip
     try:
         path = _path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.write(plan_to_json(sites))
+            f.write(text)
         os.replace(tmp, path)
     except OSError as e:  # the report is a convenience; compiling must not fail for it
         log.debug("velora_fx: could not store the plan %s: %s", key, e)
 
 
-def load(key: str) -> Optional[list[PlannedSite]]:
-    """The plan stored for the graph ``key``, ``None`` if there is none."""
+def load(key: str) -> Optional[tuple[list[PlannedSite], Optional[GraphSummary]]]:
+    """The plan and the partition summary stored for the graph ``key``, ``None`` if there are none."""
     try:
         with open(_path(key)) as f:
-            return plan_from_json(f.read())
-    except (OSError, ValueError, TypeError):
+            data = json.load(f)
+        sites = [PlannedSite(**dict(s, related=tuple(s["related"]),
+                                    input_shape=None if s["input_shape"] is None else tuple(s["input_shape"])))
+                 for s in data["sites"]]  # fmt: skip
+        summary = None if data["summary"] is None else GraphSummary.from_dict(data["summary"])
+        return sites, summary
+    except (OSError, ValueError, TypeError, KeyError):
         return None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["SiteRecord", "Report", "report", "COMPRESSED", "SKIPPED"]
+__all__ = ["SiteRecord", "GraphSummary", "Report", "report", "COMPRESSED", "SKIPPED"]
 
 COMPRESSED = "compressed"
 SKIPPED = "skipped"
@@ -44,6 +45,52 @@ class SiteRecord:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class GraphSummary:
+    """What the min-cut partitioner chose for one compiled graph (compile backend only).
+
+    ``saved_bytes`` are the activations its forward keeps for backward
+    (parameters excluded), sized for the inputs it was compiled with
+    (symbolic sizes: their example values); ``projection_bytes`` of them are
+    velora_fx's projections ``p``. ``recomputed`` lists the forward ops that
+    backward recomputes instead of keeping their results (view-like ops left
+    out), as ``(op, count)``. ``instances``: how many sets of parameters ran
+    through the graph (blocks of one class share a graph), so the model keeps
+    ``saved_bytes × instances``.
+    """
+
+    graph: str
+    saved_bytes: int
+    saved_tensors: int
+    projection_bytes: int
+    projections: int
+    recomputed: tuple[tuple[str, int], ...] = ()
+    memory_budget: Optional[float] = None
+    instances: int = 1
+
+    @property
+    def recomputed_ops(self) -> int:
+        return sum(n for _, n in self.recomputed)
+
+    def describe(self) -> str:
+        times = f" (x{self.instances} instances)" if self.instances > 1 else ""
+        budget = f", memory budget {self.memory_budget:g}" if self.memory_budget is not None else ""
+        ops = ", ".join(f"{op} x{n}" for op, n in self.recomputed[:6]) + (", ..." if len(self.recomputed) > 6 else "")
+        recompute = f"recomputes {self.recomputed_ops} ops in backward ({ops})" if self.recomputed else "recomputes nothing"
+        return (f"{self.graph}{times}: keeps {_fmt_bytes(self.saved_bytes)} for backward in {self.saved_tensors} "
+                f"tensors, {_fmt_bytes(self.projection_bytes)} of them in {self.projections} projections; "
+                f"{recompute}{budget}")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["recomputed"] = [list(kv) for kv in self.recomputed]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphSummary":
+        return cls(**dict(data, recomputed=tuple((str(k), int(n)) for k, n in data.get("recomputed", ()))))
+
+
 def kept_bytes(shape: Sequence[int], dtype: torch.dtype, basis: Union[None, int, tuple[int, int]]) -> tuple[int, int]:
     """Bytes an input of ``shape`` keeps for backward: exact, and projected on a basis of shape ``(d, r)`` (an int:
     ``(d, 1)``, VeLoRA's sub-token size)."""
@@ -71,24 +118,30 @@ def _fmt_bytes(n: Optional[int]) -> str:
 
 
 class Report(tuple):
-    """An immutable sequence of ``SiteRecord``; ``str()`` is a table with totals.
+    """An immutable sequence of ``SiteRecord`` (and, for compiled graphs, one ``GraphSummary`` per graph in
+    ``graphs``); ``str()`` is a table for a 100-column terminal, long reasons as numbered notes below it.
 
     Example::
 
-        >>> print(velora_fx.report(gm))            # doctest: +SKIP
-        >>> velora_fx.report(gm).bytes_saved        # doctest: +SKIP
+        >>> print(velora_fx.report(model))          # doctest: +SKIP
+        >>> velora_fx.report(model).bytes_saved      # doctest: +SKIP
+        >>> velora_fx.report(model).saved_bytes      # what the model keeps for backward per step  # doctest: +SKIP
     """
 
-    def __new__(cls, records: Iterable[SiteRecord] = ()):
-        return super().__new__(cls, records)
+    graphs: tuple[GraphSummary, ...]
+
+    def __new__(cls, records: Iterable[SiteRecord] = (), graphs: Iterable[GraphSummary] = ()):
+        out = super().__new__(cls, records)
+        out.graphs = tuple(graphs)
+        return out
 
     @property
     def compressed(self) -> "Report":
-        return Report(r for r in self if r.status == COMPRESSED)
+        return Report((r for r in self if r.status == COMPRESSED), self.graphs)
 
     @property
     def skipped(self) -> "Report":
-        return Report(r for r in self if r.status == SKIPPED)
+        return Report((r for r in self if r.status == SKIPPED), self.graphs)
 
     @property
     def bytes_before(self) -> int:
@@ -102,37 +155,65 @@ class Report(tuple):
     def bytes_saved(self) -> int:
         return sum(r.bytes_saved for r in self)
 
+    @property
+    def saved_bytes(self) -> Optional[int]:
+        """Bytes the model keeps for backward in one step, over all its compiled graphs (``None``: not known)."""
+        return sum(g.saved_bytes * g.instances for g in self.graphs) if self.graphs else None
+
     def to_dicts(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self]
 
-    def __str__(self) -> str:
-        header = ("graph", "node", "weight", "input", "d", "kept before", "kept after", "status", "reason")
-        rows = [
-            (
-                r.graph,
-                r.node,
-                r.weight,
-                "?" if r.input_shape is None else "x".join(map(str, r.input_shape)) + f" {r.dtype}",
+    def format(self, width: int = 100) -> str:
+        """The table, at most ``width`` columns wide but for very long weight names."""
+        notes: dict[str, int] = {}
+        rows_by_graph: dict[str, list[tuple[str, ...]]] = {}
+        for r in self:
+            note = "" if r.reason == COMPRESSED else f" [{notes.setdefault(r.reason, len(notes) + 1)}]"
+            rows_by_graph.setdefault(r.graph, []).append((
+                _ellipsize(r.weight, 44),
+                "?" if r.input_shape is None else "x".join(map(str, r.input_shape)) + f" {_short_dtype(r.dtype)}",
                 "-" if r.sub_token_size is None else str(r.sub_token_size),
-                _fmt_bytes(r.bytes_before),
-                _fmt_bytes(r.bytes_after),
-                r.status,
-                r.reason,
-            )
-            for r in self
-        ]
+                f"{_fmt_bytes(r.bytes_before)} -> {_fmt_bytes(r.bytes_after)}",
+                r.status + note,
+            ))  # fmt: skip
+        header = ("weight", "input", "d", "kept for dW", "status")
+        rows = [row for group in rows_by_graph.values() for row in group]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-        lines.append(
-            f"{len(self.compressed)} compressed, {len(self.skipped)} skipped; "
-            f"kept for dW: {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
-            f"(saved {_fmt_bytes(self.bytes_saved)})"
-        )
-        return "\n".join(lines)
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [
+            f"velora_fx: {len(self.compressed)} of {len(self)} sites compressed; the weight gradients' inputs keep "
+            f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} (saved {_fmt_bytes(self.bytes_saved)})",
+            "",
+            line(header),
+            line(["-" * w for w in widths]),
+        ]
+        for graph, group in rows_by_graph.items():
+            if len(rows_by_graph) > 1:
+                out.append(f"{graph}:")
+            out.extend(line(row) for row in group)
+        if notes:
+            out.append("")
+            for reason, k in notes.items():
+                out.extend(textwrap.wrap(f"[{k}] {reason}", width, subsequent_indent="    ", break_on_hyphens=False))
+        if self.graphs:
+            out.append("")
+            out.extend(textwrap.fill(g.describe(), width, subsequent_indent="    ") for g in self.graphs)
+            out.append(f"kept for backward per step, all graphs: {_fmt_bytes(self.saved_bytes)}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.format()
 
     def __repr__(self) -> str:
         return f"Report({len(self)} sites: {len(self.compressed)} compressed, saved {_fmt_bytes(self.bytes_saved)})"
+
+
+def _ellipsize(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width // 3] + "…" + text[-(width - width // 3 - 1) :]
+
+
+def _short_dtype(dtype: Optional[str]) -> str:
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}.get(dtype or "", dtype or "")
 
 
 def report(obj: Any) -> Report:
@@ -159,4 +240,5 @@ def report(obj: Any) -> Report:
     """
     from . import fx, runtime  # they import this module
 
-    return Report([*fx.records(obj), *runtime.records(obj)])
+    records, graphs = runtime.records(obj)
+    return Report([*fx.records(obj), *records], graphs)

@@ -41,11 +41,11 @@ refused under ``torch.distributed``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import logging
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -57,7 +57,7 @@ from velora_fx import _torch_internals as ti
 from velora_fx.dynamo_graph import ParamUse
 from velora_fx.estimators import Estimator
 from velora_fx.passes.contract import GraphSpec, PlannedSite
-from velora_fx.report import COMPRESSED, SiteRecord
+from velora_fx.report import COMPRESSED, GraphSummary, SiteRecord
 from velora_fx.state import (
     CONTAINER,
     Projection,
@@ -91,7 +91,7 @@ def _takes_varargs(fn: Callable) -> bool:
     return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
-@dataclass(eq=False)
+@dataclasses.dataclass(eq=False)
 class InstanceRecord:
     """What one set of parameters did in one graph, for ``velora_fx.report``: per slot, the parameter (weakly),
     the prepared model's state it belongs to (weakly, or ``None``), and its name there (else the name from the
@@ -101,6 +101,7 @@ class InstanceRecord:
     graph: str
     order: tuple[int, int]
     sites: Sequence[PlannedSite]
+    summary: Optional[GraphSummary]
     params: tuple[weakref.ref, ...]
     owners: tuple[Optional[weakref.ref], ...]
     names: tuple[str, ...]
@@ -140,7 +141,8 @@ class CompiledGraph:
     """
 
     def __init__(self, compiled, dynamo_gm: torch.fx.GraphModule, spec: GraphSpec, uses: dict[int, ParamUse],
-                 sites: list[PlannedSite], n_refresh: int, estimator: Estimator):  # fmt: skip
+                 sites: list[PlannedSite], n_refresh: int, estimator: Estimator,
+                 summary: Optional[GraphSummary] = None):  # fmt: skip
         self.compiled = compiled
         if hasattr(compiled, "_boxed_call"):
             self._boxed_call = compiled._boxed_call
@@ -151,6 +153,7 @@ class CompiledGraph:
         self.sites = sites
         self.n_refresh = n_refresh
         self.estimator = estimator
+        self.summary = summary
         slots = spec.slots
         self.leaders = [k for k, s in enumerate(slots) if s.basis_primal is not None and s.leader is None]
         self.followers = {k: [f for f, s in enumerate(slots) if s.leader == k] for k in self.leaders}
@@ -203,8 +206,8 @@ class CompiledGraph:
             params.append(weakref.ref(param))
             owners.append(weakref.ref(owner) if owner is not None else None)
             names.append(owner.name_of(param) if owner is not None else slot.name)
-        record = InstanceRecord(self.spec.name, (self.order, next(_ORDER)), self.sites, tuple(params), tuple(owners),
-                                tuple(names))  # fmt: skip
+        record = InstanceRecord(self.spec.name, (self.order, next(_ORDER)), self.sites, self.summary, tuple(params),
+                                tuple(owners), tuple(names))  # fmt: skip
         self._instances.append(record)
         for slot in self.spec.slots:
             _RECORDS.setdefault(args[slot.primal], []).append(record)
@@ -310,11 +313,12 @@ class CompiledGraph:
 
 
 
-def records(obj: Any) -> list[SiteRecord]:
-    """The records of every compiled graph that trained parameters of ``obj``, named as in ``obj``."""
+def records(obj: Any) -> tuple[list[SiteRecord], list[GraphSummary]]:
+    """The records of every compiled graph that trained parameters of ``obj``, named as in ``obj``, and the
+    partition summary of each such graph (with the number of ``obj``'s instances it ran for)."""
     root = getattr(obj, "_orig_mod", obj)
     if not isinstance(root, nn.Module):
-        return []
+        return [], []
     names_of: dict[int, str] = {}
     for name, p in named_parameters(root):
         names_of.setdefault(id(p), name)
@@ -326,9 +330,15 @@ def records(obj: Any) -> list[SiteRecord]:
     for _, p in named_parameters(root):
         found.update((id(r), r) for r in _RECORDS.get(p, ()))
     out: list[SiteRecord] = []
+    instances: dict[int, list[InstanceRecord]] = {}
     for record in sorted(found.values(), key=lambda r: r.order):
-        out.extend(record.render(names_of, prefixes))
-    return out
+        rendered = record.render(names_of, prefixes)
+        out.extend(rendered)
+        if rendered or not record.sites:
+            instances.setdefault(record.order[0], []).append(record)
+    graphs = [dataclasses.replace(recs[0].summary, instances=len(recs)) for recs in instances.values()
+              if recs[0].summary is not None]  # fmt: skip
+    return out, graphs
 
 
 def _all_reduce(stats: list[tuple[torch.Tensor, int]], device) -> list[tuple[torch.Tensor, int]]:
