@@ -450,7 +450,7 @@ def _project(graph, x, basis, site) -> torch.fx.Node:
     """``p`` of shape ``(N, n·r)`` (rows of ``X``), inserted before ``site``."""
     with graph.inserting_before(site):
         b = _Builder(graph, site, "project")
-        bb = _as_basis(b, basis, _val(x).dtype)
+        bb = _as_basis(_Builder(graph, site, "basis"), basis, _val(x).dtype)
         d, r = (int(s) for s in _val(bb).shape)
         n = -(-int(_val(x).shape[-1]) // d)
         return b(aten.view.default, b(aten.mm.default, _sub_token_rows(b, x, d), bb), [-1, n * r])

@@ -180,13 +180,11 @@ class Report(tuple):
         rows = [row for group in rows_by_graph.values() for row in group]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        out = [
-            f"velora_fx: {len(self.compressed)} of {len(self)} sites compressed; the weight gradients' inputs keep "
-            f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} (saved {_fmt_bytes(self.bytes_saved)})",
-            "",
-            line(header),
-            line(["-" * w for w in widths]),
-        ]
+        out = textwrap.wrap(
+            f"velora_fx: {len(self.compressed)} of {len(self)} sites compressed; the inputs kept for their weight "
+            f"gradients: {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
+            f"(saved {_fmt_bytes(self.bytes_saved)})", width, subsequent_indent="    "
+        ) + ["", line(header), line(["-" * w for w in widths])]  # fmt: skip
         for graph, group in rows_by_graph.items():
             if len(rows_by_graph) > 1:
                 out.append(f"{graph}:")
