@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     elif args.route == "inductor":
         step_model = torch.compile(model)
     else:  # prepared: the projections live in model.state_dict(), so the checkpoint below carries them
-        velora_fx.prepare(model, velora_config(args.route, args.num_groups))
-        step_model = torch.compile(model, backend=velora_fx.backend)
+        velora_fx.prepare(model)
+        step_model = torch.compile(model, backend=velora_fx.make_backend(velora_config(args.route, args.num_groups)))
 
     start_step, history = 0, []
     if args.resume:

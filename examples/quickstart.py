@@ -1,10 +1,17 @@
-"""Train a small LLaMA-style byte-level LM on the Python standard library's own sources with ``velora_fx.transform``.
+"""velora_fx in two minutes: a small LLaMA-style LM on real text, compiled three ways, side by side.
 
-Trains the same model twice from the same seed and data, once plain and once
-transformed, prints the loss of both side by side and what velora_fx
-compressed::
+Trains the same byte-level model (same seed, same batches of the Python standard library's own sources) with
 
-    python examples/quickstart.py --steps 60
+* plain ``torch.compile`` (the baseline),
+* ``torch.compile(model, backend=velora_fx.backend)``,
+* the same with a memory budget (``make_backend(VeloraConfig(memory_budget=...))``: the partitioner recomputes
+  more),
+
+and prints, for each, the bytes kept for backward (measured, and as the report predicted them), the step time
+relative to the baseline, and the training loss after the same steps; then the report of the velora_fx model::
+
+    python examples/quickstart.py                 # ~1-2 minutes on 2 CPU cores
+    python examples/quickstart.py --steps 200     # longer: the losses separate less than the noise
 """
 
 from __future__ import annotations
@@ -13,11 +20,14 @@ import argparse
 import copy
 import logging
 import pathlib
+import statistics
 import sysconfig
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 import velora_fx
 
@@ -32,6 +42,8 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm LLaMA block: q/k/v/o attention (SDPA), SwiGLU MLP."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -65,50 +77,100 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def stdlib_bytes(limit: int = 2_000_000) -> torch.Tensor:
-    """Real text no one here wrote: the standard library's own sources, as bytes."""
+def stdlib_bytes(limit: int = 4_000_000) -> torch.Tensor:
+    """Real text no one here wrote: the standard library's ``.py`` sources, as bytes."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     data = bytearray()
     for path in sorted(root.glob("*.py")):
         data += path.read_bytes()
-        if len(data) >= limit:
+        if len(data) > limit:
             break
-    return torch.frombuffer(bytearray(data[:limit]), dtype=torch.uint8).long()
+    return torch.frombuffer(data, dtype=torch.uint8).long()
 
 
-def main() -> None:
+def batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - seq - 1, (steps, batch), generator=g)
+    return [torch.stack([data[s : s + seq + 1] for s in row.tolist()]) for row in starts]
+
+
+def loss_of(model, chunk: torch.Tensor) -> torch.Tensor:
+    logits = model(chunk[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1))
+
+
+def kept_for_backward(step) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward during one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return sum(storages.values())
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--num-groups", type=int, default=32)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--budget", type=float, default=0.3, help="memory budget of the third run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
     torch.manual_seed(0)
-    data = stdlib_bytes()
-    starts = torch.randint(0, len(data) - args.seq - 1, (args.steps, args.batch))
-    model = TinyLlama()
-    plain = copy.deepcopy(model)
-    gm = velora_fx.transform(torch.fx.symbolic_trace(model), velora_fx.VeloraConfig(num_groups=args.num_groups))
+    initial = TinyLlama(args.dim)
+    data = batches(stdlib_bytes(), args.steps, args.batch, args.seq)
 
-    runs = {"plain": plain, "velora_fx": gm}
-    optims = {k: torch.optim.AdamW(m.parameters(), lr=3e-3) for k, m in runs.items()}
-    print(f"{'step':>5}  {'plain loss':>10}  {'velora_fx loss':>14}")
-    for step in range(args.steps):
-        window = torch.stack([data[s : s + args.seq + 1] for s in starts[step].tolist()])
-        losses = {}
-        for name, m in runs.items():
-            optims[name].zero_grad()
-            logits = m(window[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
-            loss.backward()
-            optims[name].step()
-            losses[name] = loss.item()
-        if step % 10 == 0 or step == args.steps - 1:
-            print(f"{step:>5}  {losses['plain']:>10.4f}  {losses['velora_fx']:>14.4f}")
-    print()
-    print(velora_fx.report(gm))
+    runs = {
+        "torch.compile": lambda m: torch.compile(m),
+        "velora_fx": lambda m: torch.compile(velora_fx.prepare(m), backend=velora_fx.backend),
+        f"velora_fx, budget {args.budget:g}": lambda m: torch.compile(
+            velora_fx.prepare(m), backend=velora_fx.make_backend(velora_fx.VeloraConfig(memory_budget=args.budget))
+        ),
+    }
+    results, models = {}, {}
+    with tqdm(total=len(runs) * (args.steps + 1), desc="training", unit="step") as bar:
+        for name, make in runs.items():
+            bar.set_postfix_str(f"{name}: compiling")
+            model = copy.deepcopy(initial)
+            step_fn = make(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            kept = kept_for_backward(lambda: loss_of(step_fn, data[0]))  # first step: compiles, calibrates
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix_str(name)
+            times, losses = [], []
+            for chunk in data:
+                start = time.perf_counter()
+                loss = loss_of(step_fn, chunk)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+                losses.append(loss.item())
+                bar.update(1)
+            rep = velora_fx.report(model)
+            results[name] = dict(kept=kept, predicted=rep.saved_bytes, step=statistics.median(times[1:]),
+                                 loss=statistics.mean(losses[-5:]))  # fmt: skip
+            models[name] = model
+
+    base = results["torch.compile"]
+    print(f"\n{args.steps} AdamW steps of {args.batch} x {args.seq} bytes, dim {args.dim}, {len(initial.layers)} blocks, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
+    print(f"{'':<24}{'kept for backward':>20}{'(report said)':>15}{'step time':>12}{'loss, last 5 steps':>21}")
+    for name, r in results.items():
+        said = "-" if r["predicted"] is None else f"{r['predicted'] / 2**20:.2f} MiB"
+        print(f"{name:<24}{r['kept'] / 2**20:>9.2f} MiB ({r['kept'] / base['kept']:.2f}x){said:>15}"
+              f"{r['step'] / base['step']:>11.2f}x{r['loss']:>21.3f}")  # fmt: skip
+    print("\n(kept: measured with saved_tensors_hooks, the loss's own 'kept' included; step time relative to "
+          "torch.compile, medians; short runs: the losses differ by the noise of a few steps)\n")
+    print(velora_fx.report(models["velora_fx"]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import velora_fx
 from velora_fx import VeloraConfig
 from velora_fx import _torch_internals as ti
 from velora_fx.passes import joint_graph as jg
+from velora_fx.passes.contract import GraphSpec
 
 from .backend_models import LlamaStack
 from .helpers import Run, saved_bytes_step
@@ -86,7 +87,7 @@ def test_velora_keeps_fewer_bytes_than_default_and_projections_are_counted(runs)
 
 
 def test_budget_is_part_of_the_pass_uuid():
-    spec = velora_fx.passes.contract.GraphSpec("g", 1, ())
+    spec = GraphSpec("g", 1, ())
     ids = {jg.VeloraJointPass(spec, VeloraConfig(memory_budget=b)).uuid() for b in BUDGETS}
     assert len(ids) == len(BUDGETS)
 

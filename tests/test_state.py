@@ -89,8 +89,8 @@ def _step_for(how: str, model: LlamaStack, backend):
 def test_names_do_not_depend_on_how_the_call_is_wrapped(how):
     cfg = VeloraConfig(num_groups=4, init="random", seed=3, exclude=("layers.1.*",))
     torch.manual_seed(0)
-    model = velora_fx.prepare(LlamaStack(blocks=2, dim=16, heads=2, hidden=24), cfg)
-    step = _step_for(how, model, velora_fx.backend)  # the prepared config
+    model = velora_fx.prepare(LlamaStack(blocks=2, dim=16, heads=2, hidden=24))
+    step = _step_for(how, model, velora_fx.make_backend(cfg))
     saved_bytes_step(step, torch.randn(2, 6, 16))
     rep = velora_fx.report(model)
     block0 = {f"layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -105,9 +105,9 @@ def test_names_do_not_depend_on_how_the_call_is_wrapped(how):
 
 def test_report_names_follow_the_object_asked():
     """``report(wrapper)`` names weights as ``wrapper.named_parameters()`` does (``module.`` prefix, as DDP's)."""
-    model = velora_fx.prepare(_tiny(1), CFG)
+    model = velora_fx.prepare(_tiny(1))
     wrapper = Wrapper(model)
-    saved_bytes_step(torch.compile(wrapper, backend=velora_fx.backend), torch.randn(2, 3, 16))
+    saved_bytes_step(torch.compile(wrapper, backend=velora_fx.make_backend(CFG)), torch.randn(2, 3, 16))
     assert {r.weight for r in velora_fx.report(wrapper)} == {"module.fc1.weight", "module.fc2.weight"}
     assert {r.weight for r in velora_fx.report(model)} == {"fc1.weight", "fc2.weight"}
     assert {k for k in wrapper.state_dict() if "velora_fx" in k} == {"module.velora_fx.fc1.weight.v",
@@ -311,7 +311,7 @@ def test_per_block_compile_reports_every_site_once_under_model_names(style, prep
     model = LlamaStack(blocks=2, dim=16, heads=2, hidden=24)
     eager = copy.deepcopy(model)
     if prepared:
-        velora_fx.prepare(model, CFG)
+        velora_fx.prepare(model)
     _compile_per_block(model, style, velora_fx.make_backend(CFG))
     x = torch.randn(2, 6, 16)
     saved_bytes_step(model, x)

@@ -46,7 +46,7 @@ class VeloraBackend:
     def __init__(self, config: Optional[VeloraConfig] = None):
         if config is not None and not isinstance(config, VeloraConfig):
             raise ValueError(f"velora_fx.make_backend: config must be a VeloraConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = config if config is not None else VeloraConfig()
         self.__name__ = "velora_fx"
         self._graphs = 0
 
@@ -59,26 +59,11 @@ class VeloraBackend:
             raise ValueError(f"velora_fx backend: unexpected arguments {sorted(unknown)}; it takes mode= and options=")
         patches = ti.mode_config_patches(kwargs.get("mode"), kwargs.get("options"))
         params = dynamo_graph.trainable_parameters(gm) if torch.is_grad_enabled() else []
-        config = self._config_for([p for _, _, p in params])
+        config = self.config
         if not params:  # no joint graph will be built: exactly what the default backend does (the budget aside)
             with ti.memory_budget_patch(config.memory_budget):
                 return ti.compile_fx(gm, example_inputs, patches)
         return self._compile(gm, example_inputs, patches, params, config)
-
-    def _config_for(self, params: Sequence[torch.Tensor]) -> VeloraConfig:
-        """This backend's config; else the config the parameters' model was prepared with; else the defaults."""
-        prepared = {o.config for o in map(find_owner, params) if o is not None and o.config is not None}
-        if self.config is not None:
-            if prepared - {self.config}:
-                raise ValueError(
-                    f"velora_fx: this model was prepared with {next(iter(prepared - {self.config}))} but is compiled "
-                    f"with make_backend({self.config}); compile it with velora_fx.backend (which uses the prepared "
-                    "config) or with the same config"
-                )
-            return self.config
-        if len(prepared) > 1:
-            raise ValueError(f"velora_fx: one graph holds weights of models prepared with different configs: {prepared}")
-        return next(iter(prepared), None) or VeloraConfig()
 
     def _compile(self, gm, example_inputs, patches, params, config: VeloraConfig) -> Callable:
         estimator = for_config(config)
@@ -189,8 +174,9 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
     same projection (NOTE [one basis on every rank] in ``runtime.py``).
 
     Args:
-        config: what to compress and how. ``None``: the config the model was
-            prepared with, else ``VeloraConfig()``.
+        config: what to compress and how; ``VeloraConfig()`` when omitted. A
+            different config is a different backend object, and Dynamo
+            compiles afresh for it.
 
     Returns:
         A callable to pass as ``torch.compile(..., backend=...)``.
@@ -205,5 +191,5 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
     return VeloraBackend(config)
 
 
-#: ``torch.compile(model, backend=velora_fx.backend)``: the prepared config, else ``VeloraConfig()``.
+#: ``torch.compile(model, backend=velora_fx.backend)``: the backend with ``VeloraConfig()`` defaults.
 backend = make_backend()

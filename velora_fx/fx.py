@@ -138,7 +138,7 @@ def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.G
             f"velora_fx.transform: this GraphModule was already transformed with {state.config}; transforming it "
             f"again with {config} would mix two configs. Transform a fresh trace of the model instead."
         )
-    prepare(gm, config)
+    prepare(gm).velora_fx.config = config  # what the ops of the rewritten graph read (scale, init, ...)
     fx_linear.velora_linear_pass(gm, config)
     return gm
 

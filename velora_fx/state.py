@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import VeloraConfig
+from .config import VeloraConfig  # noqa: F401 (the FX route's config type)
 
 __all__ = ["Projection", "ProjectionState", "prepare", "find_owner", "projection_for", "projections", "CONTAINER"]
 
@@ -135,9 +135,9 @@ class ProjectionState(nn.Module):
     GraphModule it rewrites); see NOTE [the state model].
     """
 
-    def __init__(self, root: nn.Module, config: Optional[VeloraConfig]):
+    def __init__(self, root: nn.Module):
         super().__init__()
-        self.config = config
+        self.config: Optional[VeloraConfig] = None  # the FX route's (set by velora_fx.transform); see prepare
         self._entries: dict[str, Projection] = {}
         object.__setattr__(self, "_root", root)  # not a submodule: a back-reference
         self._index: dict[int, tuple[weakref.ref, str]] = {}
@@ -146,7 +146,7 @@ class ProjectionState(nn.Module):
         _CONTAINERS.add(self)
 
     def extra_repr(self) -> str:
-        return f"{len(self._entries)} projections, config={self.config!r}"
+        return f"{len(self._entries)} projections"
 
     def __deepcopy__(self, memo: dict) -> "ProjectionState":
         root = memo.get(id(self._root))
@@ -288,7 +288,7 @@ def strip_compiled(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
-def prepare(model: nn.Module, config: Optional[VeloraConfig] = None) -> nn.Module:
+def prepare(model: nn.Module) -> nn.Module:
     """Give ``model`` the state velora_fx keeps for it, so ``model.state_dict()`` carries it.
 
     Attaches a ``ProjectionState`` as ``model.velora_fx`` (NOTE [the state
@@ -300,34 +300,28 @@ def prepare(model: nn.Module, config: Optional[VeloraConfig] = None) -> nn.Modul
     model (DDP, ``fully_shard``) and before loading a checkpoint into a fresh
     model. Preparing twice returns the model unchanged.
 
+    What to compress and how is the backend's ``VeloraConfig``
+    (``make_backend(config)``), not the model's: Dynamo keys a compiled graph
+    on the backend it was compiled with, never on attributes of the model, so
+    a config kept on the model could be silently ignored when Dynamo reuses a
+    graph for another instance of the model's class.
+
     Args:
         model: the model to train, unchanged otherwise.
-        config: the ``VeloraConfig`` this model trains with. A backend made
-            without a config (``velora_fx.backend``) then uses it; a backend
-            made with another config refuses the model.
 
     Returns:
         ``model`` itself.
 
     Example::
 
-        >>> model = velora_fx.prepare(MyModel(), velora_fx.VeloraConfig(num_groups=32))   # doctest: +SKIP
+        >>> model = velora_fx.prepare(MyModel())                                           # doctest: +SKIP
         >>> model.load_state_dict(torch.load("ckpt.pt"))   # a resumed run: the projections come back too  # doctest: +SKIP
         >>> compiled = torch.compile(model, backend=velora_fx.backend)                     # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"velora_fx.prepare takes an nn.Module, got {type(model).__name__}")
-    if config is not None and not isinstance(config, VeloraConfig):
-        raise TypeError(f"velora_fx.prepare: config must be a VeloraConfig, got {type(config).__name__}")
     existing = model._modules.get(CONTAINER)
     if isinstance(existing, ProjectionState):
-        if config is not None and existing.config is not None and existing.config != config:
-            raise ValueError(
-                f"velora_fx.prepare: this model was prepared with {existing.config}; preparing it again with "
-                f"{config} would mix two configs. Prepare a fresh model instead."
-            )
-        if config is not None:
-            existing.config = config
         return model
     if existing is not None or hasattr(model, CONTAINER):
         raise ValueError(
@@ -341,7 +335,7 @@ def prepare(model: nn.Module, config: Optional[VeloraConfig] = None) -> nn.Modul
                 f"velora_fx.prepare: parameter {name} already belongs to a prepared {type(owner.root).__name__} "
                 f"(as {owner.name_of(p)}); prepare the outermost model you train, once"
             )
-    model.add_module(CONTAINER, ProjectionState(model, config))
+    model.add_module(CONTAINER, ProjectionState(model))
     model.register_load_state_dict_pre_hook(_translate_legacy_keys)
     return model
 
