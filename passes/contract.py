@@ -87,6 +87,8 @@ class PlannedSite:
     sub_token_size: Optional[int] = None
     bytes_before: Optional[int] = None
     bytes_after: Optional[int] = None
+    estimator: Optional[str] = None
+    per_token: Optional[int] = None
 
     def render(self, graph: str, names: Sequence[str]) -> SiteRecord:
         """The public record, with ``names[k]`` the name of slot ``k`` in one model instance."""
@@ -101,4 +103,6 @@ class PlannedSite:
             sub_token_size=self.sub_token_size,
             bytes_before=self.bytes_before,
             bytes_after=self.bytes_after,
+            estimator=self.estimator,
+            per_token=self.per_token,
         )

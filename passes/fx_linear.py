@@ -177,6 +177,8 @@ def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[Decision]:
         record = SiteRecord(
             graph=GRAPH_NAME, node=site.node.name, weight=site.weight_name, status=SKIPPED if reason else COMPRESSED,
             reason=text, sub_token_size=None if basis_shape is None else basis_shape[0],
+            estimator=None if reason else config.estimator,
+            per_token=None if reason else -(-site.features // basis_shape[0]) * basis_shape[1],
         )  # fmt: skip
         group = None if leader is None else id(site.x) if isinstance(site.x, fx.Node) else id(site)
         decisions.append(Decision(site, record, leader, None if group is None else hash((group, leader))))
@@ -241,8 +243,10 @@ def _ensure_projection(state: ProjectionState, site: Site, leader: str, estimato
     shape = estimator.state_shape(basis_shape)
     for name in (leader, site.weight_name):
         entry = state.get(name)
-        if entry is None:
+        if entry is None:  # a follower's own state is never used (it shares its leader's): it starts empty
             basis, step = estimator.initial(basis_shape, name)
+            if name != leader:
+                basis = torch.zeros_like(basis)
             entry = state.create(name, estimator.field, basis.to(gm.get_parameter(name).device), step)
         elif tuple(entry._basis.shape) != shape:
             raise ValueError(
@@ -271,7 +275,8 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
     from velora_fx.report import kept_bytes
 
     state = gm._modules.get(CONTAINER)
-    seen = state.fx_inputs if isinstance(state, ProjectionState) else {}
+    state = state if isinstance(state, ProjectionState) else None
+    seen = state.fx_inputs if state is not None else {}
     out = []
     first_user: dict[Any, str] = {}
     for node in gm.graph.nodes:
@@ -292,6 +297,8 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
                     if node.args[2].kwargs["site"] != record.node:  # p counted on the site that computed it
                         changes["bytes_after"] = 0
                 first_user.setdefault(node.args[1], record.node)
+            if state is not None and record.weight in state:
+                changes["last_refresh"] = state.get(record.weight).last_refresh
             record = dataclasses.replace(record, **changes)
         out.append(record)
     return out

@@ -271,7 +271,7 @@ def plan_joint_graph(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConfi
             for consumer, chain, k in consumers:
                 group[k][1].append((consumer, chain))
             groups[x] = group
-    return JointPlan(_records(sites, by_x, groups, spec), groups, markers)
+    return JointPlan(_records(sites, by_x, groups, spec, config.estimator), groups, markers)
 
 
 def _why_not(site: _Site, slot: ParamSlot, g: _Graph) -> str:
@@ -326,7 +326,7 @@ def _decide(x, xs: list[_Site], spec: GraphSpec, config: VeloraConfig, g: _Graph
     return consumers, "", ()
 
 
-def _records(sites: list[_Site], by_x, groups, spec: GraphSpec) -> list[PlannedSite]:
+def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, estimator: str) -> list[PlannedSite]:
     """One ``PlannedSite`` per site: a stored tensor's bytes are counted once, on its first site; each ``p`` once."""
     planned: list[PlannedSite] = []
     counted: set[torch.fx.Node] = set()
@@ -354,9 +354,11 @@ def _records(sites: list[_Site], by_x, groups, spec: GraphSpec) -> list[PlannedS
                 reason = (f"compressed; {names} read one input and keep one p" if one_p else
                           f"compressed; {names} read one input (a p each)") + " (its bytes counted on the first)"
                 related = tuple(group)
+        per_token = -(-shape[-1] // slot.basis_shape[0]) * slot.basis_shape[1] if compressed else None
         planned.append(PlannedSite(
             site.slot, site.node.name, COMPRESSED if compressed else SKIPPED, reason, related, shape,
             str(dtype).replace("torch.", ""), slot.sub_token_size if compressed else None, before, after,
+            estimator if compressed else None, per_token,
         ))  # fmt: skip
     return planned
 

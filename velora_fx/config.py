@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["VeloraConfig", "INIT_MODES"]
+__all__ = ["VeloraConfig", "INIT_MODES", "ESTIMATORS"]
 
 #: Ways to choose the projection direction ``v`` of a weight.
 #:
@@ -20,6 +20,21 @@ __all__ = ["VeloraConfig", "INIT_MODES"]
 #: ``random``              a seeded Gaussian direction, reproducible from
 #:                         ``seed`` and the weight's name; needs no data.
 INIT_MODES = ("batch_average_once", "batch_average", "ema", "random")
+
+#: How the input of a weight is kept for its gradient (see ``velora_fx/estimators.py``). Each keeps ``p = x B``,
+#: a basis ``B`` of shape ``(d, r)``, and forms ``dW = (gᵀ p) Bᵀ``:
+#:
+#: ``velora``            the paper: sub-tokens of ``d = D / num_groups``, ``B`` one unit vector ``v`` (``r = 1``,
+#:                       ``init`` chooses it). A fixed subspace: biased.
+#: ``random``            the whole token (``d = D``), ``B`` a random orthonormal basis of ``rank`` columns scaled
+#:                       by ``√(D / rank)``: ``E[B Bᵀ] = I``, unbiased; re-seeded every ``refresh_every`` steps.
+#: ``principal``         ``B`` = the top-``rank`` eigenvectors of the input's uncentred second moment, from the
+#:                       first batch; followed smoothly every ``refresh_every`` steps. The lowest error per step;
+#:                       biased.
+#: ``principal_random``  the top ``rank - random_rank`` principal directions kept exactly, and an unbiased random
+#:                       projection (``random_rank`` columns) of the rest of the input: unbiased, with variance
+#:                       from the residual's energy only.
+ESTIMATORS = ("velora", "random", "principal", "principal_random")
 
 _DEFAULT_NUM_GROUPS = 32
 
@@ -95,6 +110,11 @@ class VeloraConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = field(default_factory=tuple)
     memory_budget: Optional[float] = None
+    estimator: str = "velora"
+    rank: Optional[int] = None
+    random_rank: Optional[int] = None
+    refresh_every: int = 0
+    refresh_decay: float = 0.5
 
     def __post_init__(self) -> None:
         if self.num_groups is not None and self.sub_token_size is not None:
@@ -127,10 +147,58 @@ class VeloraConfig:
                     f"partition's saved bytes the partitioner may keep), got {self.memory_budget!r}"
                 )
             object.__setattr__(self, "memory_budget", float(self.memory_budget))
+        self._check_estimator()
         object.__setattr__(self, "include", _as_patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "ema_decay", float(self.ema_decay))
+        object.__setattr__(self, "refresh_decay", float(self.refresh_decay))
+
+    def _check_estimator(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"VeloraConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        for name in ("rank", "random_rank"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"VeloraConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            raise ValueError(f"VeloraConfig.refresh_every must be an int >= 0 (0: never), got {self.refresh_every!r}")
+        if not isinstance(self.refresh_decay, (int, float)) or not 0.0 <= self.refresh_decay < 1.0:
+            raise ValueError(f"VeloraConfig.refresh_decay must be in [0, 1), got {self.refresh_decay!r}")
+        if self.estimator == "velora":
+            if self.rank is not None or self.random_rank is not None:
+                raise ValueError(
+                    "VeloraConfig: rank / random_rank set the scalars per token of the token-level estimators; "
+                    f"estimator='velora' keeps num_groups of them (got rank={self.rank}, random_rank={self.random_rank})"
+                )
+            if self.refresh_every and self.init in ("batch_average", "ema"):
+                raise ValueError(
+                    f"VeloraConfig: init={self.init!r} already refreshes v every step; refresh_every is for "
+                    "init='batch_average_once' (recalibrate) or 'random' (re-seed)"
+                )
+            return
+        if self.init != "batch_average_once":
+            raise ValueError(
+                f"VeloraConfig.init chooses VeLoRA's direction; estimator={self.estimator!r} has no init "
+                f"(got init={self.init!r})"
+            )
+        if self.sub_token_size is not None:
+            raise ValueError(
+                f"VeloraConfig: estimator={self.estimator!r} projects whole tokens; give rank (scalars per token), "
+                f"not sub_token_size (got {self.sub_token_size})"
+            )
+        if self.rank is None:
+            object.__setattr__(self, "rank", self.num_groups)  # VeLoRA's bytes at the same num_groups
+        if self.estimator == "principal_random":
+            if self.random_rank is None:
+                object.__setattr__(self, "random_rank", self.rank // 2)
+            if not 1 <= self.random_rank < self.rank:
+                raise ValueError(
+                    "VeloraConfig: principal_random keeps rank - random_rank principal and random_rank random "
+                    f"coordinates per token, both at least 1; got rank={self.rank}, random_rank={self.random_rank}"
+                )
+        elif self.random_rank is not None:
+            raise ValueError(f"VeloraConfig.random_rank is for estimator='principal_random', not {self.estimator!r}")
 
     # -- per-layer decisions --------------------------------------------------
 

@@ -24,6 +24,7 @@ from velora_fx.passes import fx_linear
 
 from . import ops
 from .config import VeloraConfig
+from .estimators import for_config
 from .report import Report, SiteRecord, report
 from .state import CONTAINER, ProjectionState, prepare
 
@@ -53,10 +54,29 @@ def _plain(x, weight, bias, weight_is_out_by_in: bool) -> torch.Tensor:
 @torch.compiler.disable(reason="velora_fx calibrates a projection eagerly on its first training batch; call "
                         "velora_fx.calibrate(model, batch) before compiling with fullgraph=True")  # fmt: skip
 def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) -> None:
-    entry = state.get(name)
-    d = entry.basis.shape[0]
-    entry.set_basis(ops.initial_direction(x, d, f"weight {name!r} (graph node {site!r})"))
+    entry, est = state.get(name), for_config(state.config)
+    basis_shape = (entry.basis.shape[0], 1 if entry.basis.dim() == 1 else entry.basis.shape[1])
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    total, count = est.statistics(x2d, basis_shape)
+    basis = est.calibrated(total, count, f"weight {name!r} (graph node {site!r})", basis_shape)
+    if basis is not None:
+        entry.set_basis(basis)
     log.debug("velora_fx: calibrated the projection of %s from a %s input at %s", name, tuple(x.shape), site)
+
+
+@torch.compiler.disable(reason="velora_fx counts training steps for refresh_every in Python; the compile backend "
+                        "refreshes without a graph break")  # fmt: skip
+def _advance(state: ProjectionState, name: str, x: torch.Tensor) -> None:
+    """Count a training step of ``name``'s projection; refresh it (from ``x``, or by re-seeding) when one is due."""
+    entry, est = state.get(name), for_config(state.config)
+    index = entry.advance(est.refresh_every)
+    if index is None or not entry.calibrated:
+        return
+    if est.refresh_needs_data:
+        total, count = est.refresh_statistics(x.detach().reshape(-1, x.shape[-1]), entry.basis)
+        entry.set_basis(est.refreshed(entry.basis.cpu(), total.cpu(), count, name, index))
+    else:
+        entry.set_basis(est.refreshed(entry.basis.cpu(), None, 0, name, index))
 
 
 def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, name: str, site: str) -> Optional[torch.Tensor]:
@@ -70,16 +90,18 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
     if x.numel() * x.element_size() < cfg.min_saved_bytes:
         return None
     entry = state.get(name)
+    if cfg.refresh_every and not forced:
+        _advance(state, name, x)
     if not entry.calibrated:
         _calibrate(state, name, x, site)
     basis = entry.basis
     if cfg.init in ("batch_average", "ema") and not forced:
         with torch.no_grad():
             basis = ops.refreshed_direction(basis, x, cfg.ema_decay if cfg.init == "ema" else None)
-            entry.basis.copy_(basis)
+        entry.set_basis(basis)
     if not torch.is_grad_enabled():
         return None  # a calibration-only call
-    return ops.projected_input(x, basis)
+    return ops.projected_input(x, entry.basis)
 
 
 def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], weight: torch.Tensor,

@@ -174,9 +174,10 @@ def seed_for(seed: int, name: str, *salt: int) -> int:
     return h % 2**63
 
 
-def random_direction(d: int, seed: int, name: str) -> torch.Tensor:
-    """A seeded Gaussian unit vector (float32, CPU), reproducible from ``seed`` and the weight's ``name``."""
-    generator = torch.Generator().manual_seed(seed_for(seed, name))
+def random_direction(d: int, seed: int, name: str, index: int = 0) -> torch.Tensor:
+    """A seeded Gaussian unit vector (float32, CPU), reproducible from ``seed``, the weight's ``name`` and the
+    re-seed ``index`` (0: the first)."""
+    generator = torch.Generator().manual_seed(seed_for(seed, name, *((index,) if index else ())))
     v = torch.randn(d, generator=generator, dtype=torch.float64)
     return (v / v.norm()).float()
 

@@ -21,7 +21,10 @@ class SiteRecord:
     ``bytes_before`` is what the input keeps for ``dW`` without velora_fx,
     ``bytes_after`` what it keeps with it (equal when skipped); both ``None``
     while the input's shape is not known yet (an FX-transformed module before
-    its first forward).
+    its first forward). A compressed site also says which ``estimator`` keeps
+    its input, in how many scalars ``per_token`` (the sub-token size ``d``
+    aside), and at which training step its basis was last refreshed
+    (``last_refresh``; ``None``: not since this process started).
     """
 
     graph: str
@@ -34,6 +37,9 @@ class SiteRecord:
     sub_token_size: Optional[int] = None
     bytes_before: Optional[int] = None
     bytes_after: Optional[int] = None
+    estimator: Optional[str] = None
+    per_token: Optional[int] = None
+    last_refresh: Optional[int] = None
 
     @property
     def bytes_saved(self) -> int:
@@ -172,11 +178,11 @@ class Report(tuple):
             rows_by_graph.setdefault(r.graph, []).append((
                 _ellipsize(r.weight, 44),
                 "?" if r.input_shape is None else "x".join(map(str, r.input_shape)) + f" {_short_dtype(r.dtype)}",
-                "-" if r.sub_token_size is None else str(r.sub_token_size),
+                "-" if r.per_token is None else str(r.per_token),
                 f"{_fmt_bytes(r.bytes_before)} -> {_fmt_bytes(r.bytes_after)}",
                 r.status + note,
             ))  # fmt: skip
-        header = ("weight", "input", "d", "kept for dW", "status")
+        header = ("weight", "input", "k", "kept for dW", "status")
         rows = [row for group in rows_by_graph.values() for row in group]
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -184,7 +190,7 @@ class Report(tuple):
             f"velora_fx: {len(self.compressed)} of {len(self)} sites compressed; the inputs kept for their weight "
             f"gradients: {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
             f"(saved {_fmt_bytes(self.bytes_saved)})", width, subsequent_indent="    "
-        ) + ["", line(header), line(["-" * w for w in widths])]  # fmt: skip
+        ) + self._estimators(width) + ["", line(header), line(["-" * w for w in widths])]  # fmt: skip
         for graph, group in rows_by_graph.items():
             if len(rows_by_graph) > 1:
                 out.append(f"{graph}:")
@@ -198,6 +204,16 @@ class Report(tuple):
             out.extend(textwrap.fill(g.describe(), width, subsequent_indent="    ") for g in self.graphs)
             out.append(f"kept for backward per step, all graphs: {_fmt_bytes(self.saved_bytes)}")
         return "\n".join(out)
+
+    def _estimators(self, width: int) -> list[str]:
+        """One line per estimator in use: which, and when the bases were last refreshed."""
+        out = []
+        for name in dict.fromkeys(r.estimator for r in self.compressed if r.estimator):
+            recs = [r for r in self.compressed if r.estimator == name]
+            refreshed = [r.last_refresh for r in recs if r.last_refresh is not None]
+            when = f"; last refresh at step {max(refreshed)}" if refreshed else ""
+            out += textwrap.wrap(f"estimator {name}: {len(recs)} sites; k = scalars kept per token{when}", width)
+        return out
 
     def __str__(self) -> str:
         return self.format()

@@ -66,6 +66,7 @@ from velora_fx.state import (
     named_parameters,
     new_projection,
     projection_for,
+    projections,
     strip_compiled,
 )
 
@@ -173,17 +174,19 @@ class CompiledGraph:
         proj = self._projection(args[slot.primal], slot.name, slot.basis_shape, slot.features)
         for f in self.followers[k]:
             fs = self.spec.slots[f]
-            self._projection(args[fs.primal], fs.name, fs.basis_shape, fs.features).share(proj)
+            self._projection(args[fs.primal], fs.name, fs.basis_shape, fs.features, follower=True).share(proj)
         self._bindings[args[slot.primal]] = proj
         return proj
 
-    def _projection(self, param: torch.Tensor, fallback: str, basis_shape, features) -> Projection:
+    def _projection(self, param: torch.Tensor, fallback: str, basis_shape, features, follower: bool = False) -> Projection:
         owner = find_owner(param)
         name = owner.name_of(param) if owner is not None else fallback
         shape = self.estimator.state_shape(basis_shape)
         proj = projection_for(param, name, owner)
-        if proj is None:
+        if proj is None:  # new: a follower's own state is never used (it shares its leader's), so it starts empty
             basis, step = self.estimator.initial(basis_shape, name)
+            if follower:
+                basis = torch.zeros_like(basis)
             return new_projection(param, name, owner, self.estimator.field, basis.to(param.device), step)
         if proj.field != self.estimator.field or tuple(proj._basis.shape) != shape:
             where = f"{CONTAINER}.{name}.{proj.field}" if owner is not None else "kept outside the state_dict"
@@ -216,13 +219,17 @@ class CompiledGraph:
 
     # -- calibration ---------------------------------------------------------------------------
 
-    def _calibrate(self, args: list, todo: list[tuple[int, Projection]]) -> None:
-        """Calibrate each projection of ``todo`` from this batch: run the Dynamo graph eagerly, capture the inputs."""
+    def _from_batch(self, args: list, calibrate: list[tuple[int, Projection]],
+                    refresh: list[tuple[int, Projection, int]]) -> None:  # fmt: skip
+        """Calibrate (``calibrate``) or refresh (``refresh``: with the refresh index) projections from this batch:
+        run the Dynamo graph eagerly, without grad, capture each weight's input, reduce it to the estimator's
+        statistics (summed over ranks), and set the new bases."""
+        items = [(k, proj) for k, proj in calibrate] + [(k, proj) for k, proj, _ in refresh]
         watch: dict[torch.fx.Node, list[int]] = {}
-        for k, _ in todo:
+        for k, _ in items:
             for matmul, _inp in self.uses[self.spec.slots[k].primal].uses:
                 watch.setdefault(matmul, []).append(k)
-        captured: dict[int, list[torch.Tensor]] = {k: [] for k, _ in todo}
+        captured: dict[int, list[torch.Tensor]] = {k: [] for k, _ in items}
         uses, spec = self.uses, self.spec
 
         class Capture(torch.fx.Interpreter):
@@ -238,23 +245,24 @@ class CompiledGraph:
         with torch.no_grad(), torch.random.fork_rng(devices=list(devices)):
             Capture(self.dynamo_gm).run(*inputs)
         del inputs
-        stats = []
-        for k, proj in todo:
+        est, stats = self.estimator, []
+        for i, (k, proj) in enumerate(items):
             slot = self.spec.slots[k]
             xs = [x.reshape(-1, slot.features) for x in captured[k]]
-            x = xs[0] if len(xs) == 1 else torch.cat(xs) if xs else None
-            if x is None:
-                stats.append((torch.zeros(self.estimator.state_shape(slot.basis_shape), dtype=torch.float64), 0))
-            else:
-                stats.append(self.estimator.statistics(x, slot.basis_shape))
+            x = xs[0] if len(xs) == 1 else torch.cat(xs) if xs else torch.zeros(0, slot.features)
+            stats.append(est.statistics(x, slot.basis_shape) if i < len(calibrate) else
+                         est.refresh_statistics(x, proj.basis.to(x.device)))  # fmt: skip
         if distributed():  # see NOTE [one basis on every rank]
-            stats = _all_reduce(stats, todo[0][1].basis.device)
-        for (k, proj), (total, count) in zip(todo, stats):
-            basis = self.estimator.calibrated(total, count, proj.weight)
+            stats = _all_reduce(stats, items[0][1].basis.device)
+        for (k, proj), (total, count) in zip(calibrate, stats):
+            basis = est.calibrated(total, count, proj.weight, self.spec.slots[k].basis_shape)
             if basis is None:
                 continue  # no tokens (an empty batch): nothing to average; stays uncalibrated (its dW is 0: exact)
             proj.set_basis(basis)
             log.info("velora_fx: calibrated the projection of %s on the first batch", proj.weight)
+        for (k, proj, index), (total, count) in zip(refresh, stats[len(calibrate):]):
+            proj.set_basis(est.refreshed(proj.basis.cpu(), total.cpu(), count, proj.weight, index))
+            log.debug("velora_fx: refreshed the projection of %s (refresh %d)", proj.weight, index)
 
     # -- the call ------------------------------------------------------------------------------
 
@@ -265,25 +273,35 @@ class CompiledGraph:
             args = list(call_args)
         if any(ti.is_fake(a) for a in args):
             return self._call_fake(args)
-        bases, todo, rebound = [], [], False
+        est, every = self.estimator, self.estimator.refresh_every
+        projs: list[Optional[Projection]] = []
+        calibrate, refresh, rebound = [], [], False
         for k, used in zip(self.leaders, self.used):
-            slot = self.spec.slots[k]
-            param = args[slot.primal]
             if not used:  # the plan compresses none of its sites: the input is not read
-                bases.append(torch.zeros(self.estimator.state_shape(slot.basis_shape), device=param.device))
+                projs.append(None)
                 continue
+            param = args[self.spec.slots[k].primal]
             proj = self._bindings.get(param)
             if proj is None:
                 proj, rebound = self._bind(args, k), True
-            bases.append(proj.graph_input(param.device))
+            projs.append(proj)
+            index = proj.advance(every) if every else None
             if not proj.calibrated:
-                todo.append((k, proj))
+                calibrate.append((k, proj))
+            elif index is not None:
+                if est.refresh_needs_data:
+                    refresh.append((k, proj, index))
+                else:
+                    proj.set_basis(est.refreshed(proj.basis.cpu(), None, 0, proj.weight, index))
         if self._primals and (rebound or self._last_first is None or self._last_first() is not args[self._primals[0]]):
             self._last_first = weakref.ref(args[self._primals[0]])
             self._note_instance(args)
-        if todo:
-            self._calibrate(args, todo)
-        args.extend(bases)
+        if calibrate or refresh:
+            self._from_batch(args, calibrate, refresh)
+        for k, proj in zip(self.leaders, projs):
+            device = args[self.spec.slots[k].primal].device
+            args.append(torch.zeros(est.state_shape(self.spec.slots[k].basis_shape), device=device)
+                        if proj is None else proj.graph_input(device))  # fmt: skip
         if self._inner_takes_list:
             outs = self.compiled(args)
         else:
@@ -291,14 +309,13 @@ class CompiledGraph:
             args.clear()
             outs = self.compiled(*full)
             del full
-        if self.n_refresh:
+        if self.n_refresh:  # bases the graph refreshed itself (batch_average / ema): take them
             outs = list(outs)
             refreshed = outs[len(outs) - self.n_refresh :]
             del outs[len(outs) - self.n_refresh :]
-            with torch.no_grad():
-                for basis, used, new in zip(bases, self.used, refreshed):
-                    if used:
-                        basis.copy_(new)
+            for proj, new in zip(projs, refreshed):
+                if proj is not None:
+                    proj.set_basis(new)
         return outs
 
     def _call_fake(self, args: list) -> Any:
@@ -331,8 +348,10 @@ def records(obj: Any) -> tuple[list[SiteRecord], list[GraphSummary]]:
         found.update((id(r), r) for r in _RECORDS.get(p, ()))
     out: list[SiteRecord] = []
     instances: dict[int, list[InstanceRecord]] = {}
+    projs = projections(root)
     for record in sorted(found.values(), key=lambda r: r.order):
-        rendered = record.render(names_of, prefixes)
+        rendered = [dataclasses.replace(r, last_refresh=projs[r.weight].last_refresh) if r.weight in projs else r
+                    for r in record.render(names_of, prefixes)]  # fmt: skip
         out.extend(rendered)
         if rendered or not record.sites:
             instances.setdefault(record.order[0], []).append(record)

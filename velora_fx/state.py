@@ -67,7 +67,9 @@ class Projection:
         self.weight = weight
         self.field = field  # "v" (VeLoRA) or "basis"
         self._basis = basis
-        self._step = step
+        self._step = step  # training steps seen, for a refresh schedule (None: no schedule)
+        self._steps = 0 if step is None else int(step)  # the same, as a Python int (no device sync per step)
+        self._last_refresh: Optional[int] = None  # the step of the last refresh this process made
         self.leader: Optional[Projection] = None
         self.calibrated = bool(basis.ne(0).any())
 
@@ -88,16 +90,39 @@ class Projection:
         return self.root._step
 
     @property
+    def steps(self) -> int:
+        """Training steps counted for the refresh schedule (the leader's, for a weight sharing its basis)."""
+        return self.root._steps
+
+    @property
+    def last_refresh(self) -> Optional[int]:
+        """The step at which this process last refreshed the basis (``None``: never)."""
+        return self.root._last_refresh
+
+    @property
     def v(self) -> torch.Tensor:
         """VeLoRA's direction (the basis of shape ``(d,)``)."""
         return self.basis
 
     def set_basis(self, value: torch.Tensor) -> None:
-        """Write a new basis (calibration, refresh); the tensor object is kept, so graphs holding it see the write."""
+        """Take a new basis (calibration, refresh) as a new tensor: a backward still pending from an earlier step
+        keeps the basis its forward projected with."""
         root = self.root
-        with torch.no_grad():
-            root._basis.copy_(value.to(root._basis.device, _STATE_DTYPE))
+        new = value.detach().to(root._basis.device, _STATE_DTYPE).contiguous()  # the layout graphs were built for
+        root._basis = new.clone() if new is value else new
         root.calibrated = True
+
+    def advance(self, every: int) -> Optional[int]:
+        """Count one training step; the refresh index (1, 2, ...) when this step starts with a refresh, else None."""
+        root = self.root
+        due = every > 0 and root._steps > 0 and root._steps % every == 0
+        root._steps += 1
+        if root._step is not None:
+            root._step.fill_(root._steps)
+        if due:
+            root._last_refresh = root._steps - 1
+            return (root._steps - 1) // every
+        return None
 
     def graph_input(self, device: torch.device) -> torch.Tensor:
         """The basis as a compiled graph expects it: float32 on ``device`` (moved there for good if it is not)."""
@@ -163,7 +188,7 @@ class ProjectionState(nn.Module):
         entries = {name: Projection(name, e.field, e._basis.clone(), None if e._step is None else e._step.clone())
                    for name, e in self._entries.items()}  # fmt: skip
         for name, e in self._entries.items():
-            entries[name].calibrated = e.calibrated
+            entries[name].calibrated, entries[name]._last_refresh = e.calibrated, e._last_refresh
             if e.leader is not None:
                 entries[name].leader = entries[e.leader.weight]
         copy._entries = entries
@@ -209,7 +234,7 @@ class ProjectionState(nn.Module):
         return self._entries.get(weight)
 
     def create(self, weight: str, field: str, basis: torch.Tensor, step: Optional[torch.Tensor]) -> Projection:
-        entry = Projection(weight, field, basis.to(_STATE_DTYPE), step)
+        entry = Projection(weight, field, basis.to(_STATE_DTYPE).contiguous(), step)
         self._entries[weight] = entry
         return entry
 
@@ -224,6 +249,7 @@ class ProjectionState(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
         loaded: dict[str, dict[str, torch.Tensor]] = {}
+        shared: list[tuple[Projection, torch.Tensor]] = []
         for key, value in state_dict.items():
             if not key.startswith(prefix):
                 continue
@@ -249,12 +275,18 @@ class ProjectionState(nn.Module):
             step = None if step is None else step.detach().to(torch.int64).clone()
             if entry is None:
                 self.create(weight, field, basis, step)
+            elif entry.leader is not None:  # shares its leader's state: the checkpoint must agree with it
+                shared.append((entry, basis))
             else:
                 entry._basis = basis.to(entry._basis.device)
                 entry._step = None if step is None else step.to(entry._basis.device)
+                entry._steps = 0 if step is None else int(step)
                 entry.calibrated = bool(basis.ne(0).any())
-                if entry.leader is not None:  # loaded on its own: shares again (and is checked) at the next call
-                    entry.leader = None
+        for entry, basis in shared:
+            entry._basis = basis
+            entry.calibrated = bool(basis.ne(0).any())
+            leader, entry.leader = entry.leader, None
+            entry.share(leader)  # warns if the checkpoint's values differ from the leader's
         if strict:
             missing_keys.extend(
                 f"{prefix}{name}.{e.field}" for name, e in self._entries.items() if name not in loaded
@@ -377,7 +409,7 @@ def new_projection(param: torch.Tensor, name: str, owner: Optional[ProjectionSta
             "them.",
             name,
         )
-    entry = Projection(name, field, basis.to(_STATE_DTYPE), step)
+    entry = Projection(name, field, basis.to(_STATE_DTYPE).contiguous(), step)
     _DETACHED[param] = entry
     return entry
 
