@@ -10,7 +10,9 @@ checkpoint sees exactly the batches an uninterrupted run would::
     python examples/pretrain_llama.py --route inductor --steps 300        # the baseline
 
 ``--route``: ``inductor`` (default ``torch.compile``), ``velora`` (all linears),
-``velora-vd`` (the paper's value and down projections only), ``eager``.
+``velora-vd`` (the paper's value and down projections only), ``eager``. ``--config`` gives the
+``VeloraConfig`` of the ``velora`` route as JSON (``VeloraConfig.to_dict()``), e.g.
+``--config '{"estimator": "principal_random", "rank": 32, "refresh_every": 100}'``.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def make_model(args) -> torch.nn.Module:
     return LlamaForCausalLM(cfg)
 
 
-def velora_config(route: str, num_groups: int) -> velora_fx.VeloraConfig:
-    if route == "velora-vd":
-        return velora_fx.VeloraConfig(num_groups=num_groups, include=("*.v_proj.weight", "*.down_proj.weight"))
-    return velora_fx.VeloraConfig(num_groups=num_groups)
+def velora_config(args) -> velora_fx.VeloraConfig:
+    if args.config:
+        return velora_fx.VeloraConfig.from_dict(json.loads(args.config))
+    if args.route == "velora-vd":
+        return velora_fx.VeloraConfig(num_groups=args.num_groups, include=("*.v_proj.weight", "*.down_proj.weight"))
+    return velora_fx.VeloraConfig(num_groups=args.num_groups)
 
 
 def batch_at(data: torch.Tensor, step: int, args) -> torch.Tensor:
@@ -80,6 +84,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--route", choices=("inductor", "velora", "velora-vd", "eager"), default="velora")
     parser.add_argument("--num-groups", type=int, default=32)
+    parser.add_argument("--config", default=None, help="the velora route's VeloraConfig as JSON (to_dict())")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
     parser.add_argument("--batch", type=int, default=8)
@@ -110,7 +115,7 @@ def main(argv=None) -> dict:
         step_model = torch.compile(model)
     else:  # prepared: the projections live in model.state_dict(), so the checkpoint below carries them
         velora_fx.prepare(model)
-        step_model = torch.compile(model, backend=velora_fx.make_backend(velora_config(args.route, args.num_groups)))
+        step_model = torch.compile(model, backend=velora_fx.make_backend(velora_config(args)))
 
     start_step, history = 0, []
     if args.resume:
@@ -146,7 +151,9 @@ def main(argv=None) -> dict:
     if args.route.startswith("velora") and not args.quiet:
         print(velora_fx.report(step_model))
     final = {"route": args.route, "steps": history[-1]["step"] if history else start_step,
-             "val_loss": next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)}
+             "val_loss": next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None),
+             "lr": args.lr, "seed": args.seed,
+             "config": velora_config(args).to_dict() if args.route.startswith("velora") else None}
     print(json.dumps(final))
     return final
 
