@@ -34,6 +34,7 @@ from .helpers import directions
 
 WORLD = 2
 CFG = VeloraConfig(num_groups=8)
+PR_CFG = VeloraConfig(estimator="principal_random", rank=6, refresh_every=2)
 TIMEOUT_S = 240
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -154,6 +155,18 @@ def _worker(rank: int, port: int, out: str) -> None:
             result[f"{style}_grads"] = {n.replace("._orig_mod", ""): p.grad.full_tensor().clone()
                                         for n, p in model.named_parameters()}  # fmt: skip
             result[f"{style}_report"] = [(rec.weight, rec.status) for rec in velora_fx.report(model)]
+        # a token-level estimator refreshed every 2 steps under DDP: every rank holds the same basis at every step
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = velora_fx.prepare(Net())
+        ddp = DDP(model)
+        compiled = torch.compile(ddp, backend=velora_fx.make_backend(PR_CFG))
+        result["pr_bases"] = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(100 + step)
+            xs = torch.randn(WORLD * 2, 5, 16, generator=g) + 0.5
+            (compiled(xs.chunk(WORLD)[rank]) * r).sum().backward()
+            result["pr_bases"].append(_v(model))
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -292,3 +305,32 @@ def test_fsdp2_per_block_compile(ranks, reference, style):
             assert torch.equal(res[f"{style}_v"][k], results[0][f"{style}_v"][k])  # ranks agree exactly
         for n, g in want.items():
             _close(res[f"{style}_grads"][n], g, n)
+
+
+def test_refreshed_token_estimator_bases_agree_on_every_rank(ranks):
+    """principal_random calibrated from the global first batch (X^T X all-reduced) and refreshed from the global
+    batch of step 2 (X^T X U all-reduced), re-seeded with the same seeds: every rank, every step, bit for bit."""
+    _, results = ranks
+    history = results[0]["pr_bases"]
+    assert len(history) == 3 and len(history[0]) == 6
+    for res in results[1:]:
+        for step, bases in enumerate(res["pr_bases"]):
+            assert all(torch.equal(bases[k], history[step][k]) for k in history[step]), step
+    assert all(torch.equal(history[0][k], history[1][k]) for k in history[0])  # no refresh at step 1
+    assert not any(torch.equal(history[1][k], history[2][k]) for k in history[1])  # a refresh at step 2
+    # the first basis is the one a single process computes from the concatenated first batch
+    from velora_fx.estimators import for_config
+
+    torch.manual_seed(0)
+    eager = Net()
+    seen = {}
+    for name, mod in eager.named_modules():
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
+    eager(torch.randn(WORLD * 2, 5, 16, generator=torch.Generator().manual_seed(100)) + 0.5)
+    est = for_config(PR_CFG)
+    for k, basis in history[0].items():
+        x = seen[k[: -len(".weight")]].reshape(-1, basis.shape[0])
+        shape = tuple(basis.shape)
+        want = est.calibrated(*est.statistics(x, shape), k, shape)
+        _close(basis[:, :3], want[:, :3], k)  # the principal part (the random part is seeded: equal by construction)
