@@ -1,14 +1,18 @@
-"""Convergence on real text: the same LLaMA, seed and data order, with and without VeLoRA-via-compiler.
+"""Convergence on real text, tuned: each weight-gradient estimator at its own best learning rate, on two seeds.
 
-Runs ``examples/pretrain_llama.py`` once per route (default ``torch.compile``;
-``velora_fx.backend`` on every linear; the paper's value/down-projection
-policy), one after the other, then plots the curves and tabulates the final
-validation loss::
+Every run is ``examples/pretrain_llama.py`` (a 7.3M-parameter byte-level ``LlamaForCausalLM``, hidden 384 × 4
+layers, 1500 AdamW steps of 8 × 128 bytes of the standard library's sources, cosine schedule, held-out files for
+validation); the data order depends on the seed only, so every method sees the same batches. A method is a
+``--route`` and, for velora_fx, a ``VeloraConfig`` (``METHODS``); all keep 32 scalars per token unless named ``-k``.
 
-    python benchmarks/convergence.py --steps 1500 --minutes 30     # ~30 min per route on 2 cores
-    python benchmarks/convergence.py --plot-only                   # redraw from benchmarks/results/
+    python benchmarks/convergence.py run --methods exact,velora,prand-r100 --lrs 5e-4,1e-3,2e-3 --seeds 0,1 --jobs 2
+    python benchmarks/convergence.py summary            # table + plots from the runs found
 
-Writes ``benchmarks/results/convergence.jsonl``, ``convergence.json`` and ``convergence.png``.
+A run takes ~15-25 minutes on one core (one torch thread per run, ``--jobs`` runs at a time). ``summary`` picks,
+per method, the learning rate with the lowest final validation loss averaged over the seeds, and says whether it
+is bracketed (a worse rate on each side); the gap is to the tuned exact baseline, per seed and on average. It
+writes ``benchmarks/results/convergence/`` (compact curves of every run, ``summary.json``, ``convergence.png``,
+``convergence_lr.png``, ``convergence_rank.png``).
 """
 
 from __future__ import annotations
@@ -16,82 +20,198 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "benchmarks" / "out" / "sweep"
+RESULTS = ROOT / "benchmarks" / "results" / "convergence"
+MODEL_ARGS = ["--steps", "1500", "--batch", "8", "--seq", "128", "--dim", "384", "--layers", "4", "--heads", "6",
+              "--eval-every", "100", "--eval-batches", "16"]  # fmt: skip
 
 
-def run(routes, extra) -> None:
-    log = RESULTS / "convergence.jsonl"
+def _velora(**config) -> list[str]:
+    return ["--route", "velora", "--config", json.dumps(config, separators=(",", ":"))] if config else ["--route", "velora"]
+
+
+#: name -> pretrain_llama arguments. 32 scalars per token everywhere (VeLoRA: 32 groups) unless the name says -k.
+METHODS = {
+    "exact": ["--route", "inductor"],
+    "velora": _velora(),
+    "random": _velora(estimator="random", rank=32),
+    "random-r100": _velora(estimator="random", rank=32, refresh_every=100),
+    "principal": _velora(estimator="principal", rank=32),
+    "principal-r100": _velora(estimator="principal", rank=32, refresh_every=100),
+    "prand": _velora(estimator="principal_random", rank=32),
+    "prand-r100": _velora(estimator="principal_random", rank=32, refresh_every=100),
+    **{f"prand-r100-k{k}": _velora(estimator="principal_random", rank=k, refresh_every=100) for k in (8, 16, 64)},
+}  # fmt: skip
+
+
+def run_one(method: str, lr: str, seed: int, out: pathlib.Path) -> str:
+    log = out / f"{method}_lr{lr}_seed{seed}.jsonl"
+    if log.exists() and _final(log) is not None:
+        return f"{log.name}: done before"
     log.unlink(missing_ok=True)
-    for route in routes:
-        cmd = [sys.executable, str(ROOT / "examples" / "pretrain_llama.py"), "--route", route, "--log", str(log), *extra]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+    cmd = [sys.executable, str(ROOT / "examples" / "pretrain_llama.py"), *MODEL_ARGS, *METHODS[method],
+           "--lr", lr, "--seed", str(seed), "--quiet", "--log", str(log)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return f"{log.name}: rc={done.returncode} {done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]}"
 
 
-def summarise() -> dict:
-    curves: dict[str, list[dict]] = {}
-    for line in (RESULTS / "convergence.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        curves.setdefault(rec["route"], []).append(rec)
-    table = {}
-    for route, recs in curves.items():
-        vals = [r for r in recs if "val_loss" in r]
-        last = vals[-1] if vals else None
-        table[route] = {
-            "steps": recs[-1]["step"],
-            "minutes": recs[-1]["seconds"] / 60,
-            "final_val_loss": last and last["val_loss"],
-            "final_val_ppl_per_byte": last and math.exp(last["val_loss"]),
-            "best_val_loss": min((r["val_loss"] for r in vals), default=None),
-        }
-    (RESULTS / "convergence.json").write_text(json.dumps(table, indent=2))
-    base = table.get("inductor", {}).get("final_val_loss")
-    print(f"{'route':<12}{'steps':>7}{'minutes':>9}{'final val loss':>16}{'gap vs inductor':>17}")
-    for route, row in table.items():
-        gap = "" if base is None or row["final_val_loss"] is None else f"{row['final_val_loss'] - base:+.4f}"
-        print(f"{route:<12}{row['steps']:>7}{row['minutes']:>9.1f}{row['final_val_loss'] or float('nan'):>16.4f}{gap:>17}")
-    plot(curves)
-    return table
+def _records(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot(curves) -> None:
+def _final(path: pathlib.Path):
+    recs = _records(path)
+    return recs[-1].get("val_loss") if recs and recs[-1].get("step") == 1500 else None
+
+
+def collect(dirs) -> dict:
+    """(method, lr, seed) -> records, from every ``<method>_lr<lr>_seed<seed>.jsonl`` in ``dirs`` (later dirs win)."""
+    runs = {}
+    for d in dirs:
+        for path in sorted(pathlib.Path(d).glob("*_lr*_seed*.jsonl")):
+            method, rest = path.stem.split("_lr", 1)
+            lr, seed = rest.split("_seed")
+            recs = _records(path)
+            if recs and recs[-1].get("step") == 1500 and "val_loss" in recs[-1]:
+                runs[(method, lr, int(seed))] = recs
+    return runs
+
+
+def summarise(runs: dict) -> dict:
+    methods = sorted({m for m, _, _ in runs}, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
+    out = {}
+    for method in methods:
+        lrs = sorted({lr for m, lr, _ in runs if m == method}, key=float)
+        seeds = sorted({s for m, _, s in runs if m == method})
+        grid = {lr: {s: runs[(method, lr, s)][-1]["val_loss"] for s in seeds if (method, lr, s) in runs} for lr in lrs}
+        complete = [lr for lr in lrs if len(grid[lr]) == len(seeds)]
+        best = min(complete, key=lambda lr: sum(grid[lr].values())) if complete else None
+        i = lrs.index(best) if best else None
+        bracketed = best is not None and 0 < i < len(lrs) - 1 and all(
+            sum(grid[lrs[j]].values()) / max(len(grid[lrs[j]]), 1) > sum(grid[best].values()) / len(seeds)
+            for j in (i - 1, i + 1)
+        )
+        out[method] = {"grid": grid, "seeds": seeds, "best_lr": best, "bracketed": bracketed,
+                       "best": grid[best] if best else None}  # fmt: skip
+    base = out.get("exact", {}).get("best")
+    for m in out.values():
+        if base and m["best"]:
+            m["gap"] = {s: m["best"][s] - base[s] for s in m["best"] if s in base}
+            m["gap_mean"] = sum(m["gap"].values()) / len(m["gap"]) if m["gap"] else None
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | lr: final val loss (seed 0 / seed 1) | best lr | bracketed | best (s0 / s1) | gap to exact (s0 / s1, mean) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for method, m in summary.items():
+        grid = "; ".join(f"{lr}: " + " / ".join(f"{v:.4f}" for v in g.values()) for lr, g in m["grid"].items())
+        best = " / ".join(f"{v:.4f}" for v in m["best"].values()) if m["best"] else "—"
+        gap = "—"
+        if m.get("gap"):
+            gap = " / ".join(f"{v:+.4f}" for v in m["gap"].values()) + f", {m['gap_mean']:+.4f}"
+        lines.append(f"| {method} | {grid} | {m['best_lr']} | {'yes' if m['bracketed'] else 'no'} | {best} | {gap} |")
+    return "\n".join(lines)
+
+
+def plots(runs: dict, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
-    for route, recs in curves.items():
-        steps = [r["step"] for r in recs]
-        losses = [r["train_loss"] for r in recs]
-        k = 25  # moving average for the noisy training loss
-        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
-        ax_train.plot(steps, smooth, label=route)
-        vals = [r for r in recs if "val_loss" in r]
-        ax_val.plot([r["step"] for r in vals], [r["val_loss"] for r in vals], marker="o", ms=3, label=route)
-    ax_train.set(title="training loss (moving average of 25)", xlabel="step", ylabel="cross-entropy (nats/byte)")
-    ax_val.set(title="validation loss (held-out stdlib files)", xlabel="step")
-    for ax in (ax_train, ax_val):
+    main = [m for m in summary if "-k" not in m]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+    for method in main:
+        g = summary[method]["grid"]
+        lrs = [lr for lr in g if len(g[lr]) == len(summary[method]["seeds"])]
+        ax.plot([float(lr) for lr in lrs], [sum(g[lr].values()) / len(g[lr]) for lr in lrs], "o-", ms=4, label=method)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss (nats/byte), mean of seeds",
+           title="Each estimator's learning-rate sweep (32 scalars per token)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "convergence_lr.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=90)
+    for method in main:
+        m = summary[method]
+        if not m["best_lr"]:
+            continue
+        for ax, seed in zip(axes, m["seeds"]):
+            recs = [r for r in runs[(method, m["best_lr"], seed)] if "val_loss" in r]
+            ax.plot([r["step"] for r in recs], [r["val_loss"] for r in recs], label=f"{method} (lr {m['best_lr']})")
+    for ax, seed in zip(axes, (0, 1)):
+        ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"seed {seed}, each at its best lr", ylim=(1.2, 2.2))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "convergence.png")
+    plt.close(fig)
+
+    ks = [(k, f"prand-r100-k{k}") for k in (8, 16)] + [(32, "prand-r100")] + [(64, "prand-r100-k64")]
+    pts = [(k, summary[m]["gap_mean"]) for k, m in ks if m in summary and summary[m].get("gap_mean") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=90)
+        ax.plot([k for k, _ in pts], [g for _, g in pts], "o-")
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set(xscale="log", xlabel="scalars kept per token (k); bytes of p = k/D of the input",
+               ylabel="gap to tuned exact (nats/byte, mean of seeds)", title="principal+random, refreshed every 100")
+        ax.set_xticks([k for k, _ in pts], [str(k) for k, _ in pts])
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "convergence_rank.png")
+        plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routes", nargs="+", default=["inductor", "velora", "velora-vd"])
-    parser.add_argument("--plot-only", action="store_true")
-    args, extra = parser.parse_known_args()
+def compact(runs: dict) -> None:
+    """Every run's curves, thinned (every 10th training step, every validation) into the results directory."""
+    for (method, lr, seed), recs in runs.items():
+        keep = [r for r in recs if "val_loss" in r or r["step"] % 10 == 0]
+        (RESULTS / f"{method}_lr{lr}_seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the missing (method, lr, seed) runs")
+    r.add_argument("--methods", default="exact,velora,random-r100,principal,prand-r100")
+    r.add_argument("--lrs", default="5e-4,1e-3,2e-3")
+    r.add_argument("--seeds", default="0,1")
+    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--out", type=pathlib.Path, default=RUNS)
+    s = sub.add_parser("summary", help="table and plots from the runs found")
+    s.add_argument("--dirs", nargs="+", default=[str(RESULTS), str(RUNS)])
+    args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if not args.plot_only:
-        run(args.routes, [*extra, "--quiet"])
-    summarise()
+    if args.cmd == "run":
+        args.out.mkdir(parents=True, exist_ok=True)
+        jobs = [(m, lr, int(sd)) for sd in args.seeds.split(",") for m in args.methods.split(",") for lr in args.lrs.split(",")]
+        unknown = {m for m, _, _ in jobs} - set(METHODS)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for line in pool.map(lambda j: run_one(*j, args.out), jobs):
+                print(line, flush=True)
+        return
+    runs = collect([d for d in args.dirs if pathlib.Path(d).exists()])
+    if not runs:
+        raise SystemExit("no finished runs found")
+    compact(runs)
+    summary = summarise(runs)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(table(summary))
+    plots(runs, summary)
+    print(f"\nwrote {RESULTS}/summary.json, convergence.png, convergence_lr.png (and convergence_rank.png if k-sweep runs)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,14 @@ Reported per layer, per ``num_groups`` and method: the per-step cosine and
 relative error ``‖dŴ − dW‖/‖dW‖`` (mean over batches), and the same for the
 SUM of the weight gradients over all batches.
 
-    python -m benchmarks.fidelity            # ~2-4 min on a 2-core CPU
+The estimators of ``VeloraConfig.estimator`` at equal bytes (``--rank``
+scalars per token, VeLoRA at ``num_groups = rank``), computed with the
+runtime's own code (``velora_fx.estimators``, ``velora_fx.ops``): the
+per-step cosine and relative error, and bias against variance — on one batch,
+the relative error of the MEAN of ``--reseeds`` re-seeded estimates (what is
+left when the noise averages out: the bias) beside the mean error of one draw.
+
+    python -m benchmarks.fidelity            # ~3-5 min on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -300,6 +307,84 @@ def _direction(init: str, x: torch.Tensor, d: int, name: str, prev: Optional[tor
     return refreshed_direction(prev, x, None)  # batch_average
 
 
+ESTIMATOR_RUNS = {  # label -> (estimator, fresh random draws every step, principal part followed every step)
+    "velora": ("velora", False, False),
+    "random": ("random", True, False),
+    "principal, fixed": ("principal", False, False),
+    "principal, refreshed": ("principal", False, True),
+    "principal+random": ("principal_random", True, False),
+}
+
+
+def estimator_study(captures, linears, rank: int, reseeds: int, seed: int) -> dict:
+    """Per layer and estimator (equal bytes: ``rank`` scalars per token): per-step cosine / relative error over the
+    batches, and on the first batch the relative error of the mean of ``reseeds`` re-seeded estimates."""
+    from velora_fx.estimators import for_config
+    from velora_fx.ops import project, weight_grad
+
+    out = {}
+    for name in linears:
+        D = linears[name].in_features
+        entry = {"type": layer_type(name), "in_features": D, "estimators": {}}
+        for label, (kind, fresh, follow) in ESTIMATOR_RUNS.items():
+            cfg = VeloraConfig(estimator=kind, num_groups=rank, seed=seed) if kind == "velora" else \
+                VeloraConfig(estimator=kind, rank=rank, seed=seed, refresh_decay=0.5)  # fmt: skip
+            est = for_config(cfg)
+            shape, _ = est.basis_shape(D)
+            x0 = captures[0][name][0].double()
+            basis = est.calibrated(*est.statistics(x0, shape), name, shape) if kind != "random" else est.initial(shape, name)[0]
+            per_step = []
+            for step, cap in enumerate(captures):
+                x, g = (t.double() for t in cap[name])
+                if step and (fresh or follow):
+                    stats = est.refresh_statistics(x, basis) if follow else (None, 0)
+                    basis = est.refreshed(basis, stats[0], stats[1], name, step)
+                b = basis.double()
+                per_step.append(cos_rel(weight_grad(g, project(x, b), b, D), g.T @ x))
+            x, g = (t.double() for t in captures[0][name])
+            exact = g.T @ x
+            draws = reseeds if fresh else 1
+            base = basis if not fresh else est.calibrated(*est.statistics(x0, shape), name, shape) if kind != "random" \
+                else est.initial(shape, name)[0]  # fmt: skip
+            total, errs = 0, []
+            for i in range(draws):
+                b = (base if i == 0 else est.refreshed(base, None, 0, name, 1000 + i)).double()
+                dw = weight_grad(g, project(x, b), b, D)
+                total = total + dw
+                errs.append(cos_rel(dw, exact)[1])
+            entry["estimators"][label] = {
+                "cos_per_step": [c for c, _ in per_step],
+                "rel_err_per_step": [r for _, r in per_step],
+                "cos_mean": _mean([c for c, _ in per_step]),
+                "rel_err_mean": _mean([r for _, r in per_step]),
+                "one_draw_rel_err": _mean(errs),
+                "mean_of_draws_rel_err": cos_rel(total / draws, exact)[1],
+                "draws": draws,
+            }
+        out[name] = entry
+    return out
+
+
+def estimator_table(study: dict, rank: int, reseeds: int) -> str:
+    labels = list(ESTIMATOR_RUNS)
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for entry in study.values():
+        for label, m in entry["estimators"].items():
+            for key in ("cos_mean", "rel_err_mean", "one_draw_rel_err", "mean_of_draws_rel_err"):
+                acc[entry["type"]][label][key].append(m[key])
+    lines = [f"Estimators at equal bytes ({rank} scalars per token), mean over the 6 layers of each type. Per step: "
+             f"cosine(dŴ, dW) / relative error. Bias vs variance on one batch: relative error of one draw → of the "
+             f"mean of {reseeds} re-seeded draws (deterministic estimators: one draw, all bias):", "",
+             "| layer type | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
+    for t in LAYER_TYPES:
+        cells = [f"{_mean(acc[t][l]['cos_mean']):.2f} / {_mean(acc[t][l]['rel_err_mean']):.2f}" for l in labels]
+        lines.append(f"| {t}: per step | " + " | ".join(cells) + " |")
+        cells = [f"{_mean(acc[t][l]['one_draw_rel_err']):.2f} → {_mean(acc[t][l]['mean_of_draws_rel_err']):.2f}"
+                 for l in labels]  # fmt: skip
+        lines.append(f"| {t}: one draw → mean | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _pairwise_mean_cos(mats: list[torch.Tensor]) -> Optional[float]:
     cs = [cos_rel(a, b)[0] for i, a in enumerate(mats) for b in mats[i + 1:]]
     return sum(cs) / len(cs) if cs else None
@@ -387,9 +472,11 @@ def run(args) -> dict:
                 m["cos_summed"], m["rel_err_summed"] = cos_rel(sums[key], exact_sum)
             entry["methods"][key] = m
         layers[name] = entry
-        for cap in captures:  # free this layer's tensors (q/k/v inputs stay while another layer holds them)
-            cap[name] = None
+    estimators = estimator_study(captures, linears, args.rank, args.reseeds, args.seed)
     return {
+        "estimators": estimators,
+        "estimator_rank": args.rank,
+        "estimator_reseeds": args.reseeds,
         "model": f"sentence-transformers/all-MiniLM-L6-v2 from the wheel {PACKAGE} ({path})",
         "package_version": _dist_version(PACKAGE),
         "text_source": source,
@@ -562,6 +649,8 @@ def main(argv=None) -> None:
     p.add_argument("--draws", type=int, default=None,
                    help="fresh random projections averaged on the first batch, the limit of batches whose "
                         "gradients agree perfectly (default: --batches; 0: skip)")
+    p.add_argument("--rank", type=int, default=32, help="scalars kept per token in the estimator study")
+    p.add_argument("--reseeds", type=int, default=64, help="re-seeded draws averaged in the bias/variance study")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -579,6 +668,8 @@ def main(argv=None) -> None:
     print(f"loss: {result['loss']}; per batch {['%.3f' % x for x in result['loss_per_batch']]}, "
           f"tokens per batch (padded) {result['tokens_per_batch_padded']}")
     print(table(result))
+    print()
+    print(estimator_table(result["estimators"], result["estimator_rank"], result["estimator_reseeds"]))
     print(f"\nmax |rel_err - sqrt(1 - cos^2)| over VeLoRA: {result['max_identity_gap']:.2e}; "
           f"fast vs literal reconstruct path: {result['max_fast_vs_literal_path_gap']:.2e}")
     print(f"wrote {args.out / 'fidelity.json'} and {args.out / 'fidelity.png'} in {result['runtime_s']} s")

@@ -7,11 +7,13 @@ Same model, same batch, every method side by side:
 
 * ``eager``, ``compile`` (default ``torch.compile``);
 * ``velora-g{8,16,32,64}``: ``torch.compile(backend=velora_fx.make_backend(VeloraConfig(num_groups=g)))``;
+* ``velora-g32-b{0.5,0.3,0.2}``: the same under a memory budget (``VeloraConfig(memory_budget=b)``): VeLoRA
+  composed with the partitioner's recomputation, one knob;
 * ``velora-paper``: the paper's policy (value and down projections only, 32 groups; GPT-2 / ViT: the
   equivalent names, see ``PAPER_POLICY``);
 * exact peers: ``ckpt-eager`` / ``ckpt-compile`` (``model.gradient_checkpointing_enable()``, non-reentrant),
-  ``budget-0.5`` / ``budget-0.2`` (``torch._functorch.config.activation_memory_budget``, patched around the
-  compile and the first call);
+  ``budget-0.5`` / ``budget-0.3`` / ``budget-0.2`` (``torch._functorch.config.activation_memory_budget``,
+  patched around the compile and the first call);
 * LoRA on the LLaMA (PEFT, r=8, q/k/v/o/gate/up/down): ``lora-eager``, ``lora-compile``, PEFT's own VeLoRA
   (``LoraConfig(velora_config=peft.VeloraConfig(num_groups=32, init_type="batch_average_once"))``, eager and
   compiled), and ``lora-velora_fx`` (default ``torch.compile`` of the PEFT model with ``velora_fx.backend``).
@@ -54,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 FULL_METHODS = [
     "eager", "compile", "velora-g8", "velora-g16", "velora-g32", "velora-g64", "velora-paper",
-    "ckpt-eager", "ckpt-compile", "budget-0.5", "budget-0.2",
+    "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2",
+    "ckpt-eager", "ckpt-compile", "budget-0.5", "budget-0.3", "budget-0.2",
 ]  # fmt: skip
 LORA_METHODS = ["lora-eager", "lora-compile", "lora-peft-velora", "lora-peft-velora-compile", "lora-velora_fx"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -185,13 +188,14 @@ class Method:
         if name in ("eager", "ckpt-eager", "lora-eager", "lora-peft-velora"):
             self.fn = model
         elif name.startswith("velora-g"):
-            cfg = velora_fx.VeloraConfig(num_groups=int(name[len("velora-g"):]))
-            self.fn = torch.compile(model, backend=velora_fx.make_backend(cfg))
+            groups, _, budget = name[len("velora-g"):].partition("-b")
+            cfg = velora_fx.VeloraConfig(num_groups=int(groups), memory_budget=float(budget) if budget else None)
+            self.fn = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
         elif name == "velora-paper":
             cfg = velora_fx.VeloraConfig(num_groups=32, **PAPER_POLICY[kind])
-            self.fn = torch.compile(model, backend=velora_fx.make_backend(cfg))
+            self.fn = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
         elif name == "lora-velora_fx":
-            self.fn = torch.compile(model, backend=velora_fx.backend)
+            self.fn = torch.compile(velora_fx.prepare(model), backend=velora_fx.backend)
         elif name.startswith("budget-"):
             self.patch = float(name[len("budget-"):])
             self.fn = torch.compile(model)
@@ -359,6 +363,26 @@ def compute_ratios(rows: list[dict]) -> None:
             r[out] = a / b if a is not None and b else None
 
 
+def budget_front(rows: list[dict]) -> str:
+    """Per (model, shape) and budget: velora_fx under the budget against the budget alone (bytes and step time),
+    and the fewest bytes velora_fx keeps at <= 1.05x the default compile's step time (the issue's two targets)."""
+    by = {(r["model"], r["shape"], r["method"]): r for r in rows}
+    lines = ["| model | shape | budget | velora+budget / budget: bytes | step | fewest bytes at <= 1.05x step (method) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for model, shape in dict.fromkeys((r["model"], r["shape"]) for r in rows):
+        best = [(r["bytes_ratio"], r["method"]) for m in ("velora-g32", "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2")
+                if (r := by.get((model, shape, m))) and r.get("bytes_ratio") and r.get("step_ratio") is not None
+                and r["step_ratio"] <= 1.05]  # fmt: skip
+        fewest = f"{min(best)[0]:.2f}x ({min(best)[1]})" if best else "—"
+        for b in ("1.0", "0.5", "0.3", "0.2"):
+            v = by.get((model, shape, "velora-g32" if b == "1.0" else f"velora-g32-b{b}"), {})
+            e = by.get((model, shape, "compile" if b == "1.0" else f"budget-{b}"), {})
+            if v.get("bytes") and e.get("bytes") and v.get("step_s") and e.get("step_s"):
+                lines.append(f"| {model} | {shape} | {b} | {v['bytes'] / e['bytes']:.2f} | "
+                             f"{v['step_s'] / e['step_s']:.2f} | {fewest if b == '1.0' else ''} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _fmt(x, spec="{:.2f}"):
     return "—" if x is None else spec.format(x)
 
@@ -398,7 +422,7 @@ def plots(rows: list[dict], main_shape: str, out_dir: pathlib.Path) -> list[str]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     colors = {
         "eager": "0.5", "compile": "k", "ckpt-eager": "tab:brown", "ckpt-compile": "tab:orange",
-        "budget-0.5": "tab:olive", "budget-0.2": "tab:green", "velora-paper": "tab:purple",
+        "budget-0.5": "tab:olive", "budget-0.3": "tab:olive", "budget-0.2": "tab:green", "velora-paper": "tab:purple",
         "lora-eager": "0.7", "lora-compile": "0.3", "lora-peft-velora": "tab:pink",
         "lora-peft-velora-compile": "tab:red", "lora-velora_fx": "tab:cyan",
     }  # fmt: skip
@@ -415,6 +439,14 @@ def plots(rows: list[dict], main_shape: str, out_dir: pathlib.Path) -> list[str]
             if main:
                 ax.annotate(r["method"].replace("velora-", "v-"), (r["step_ratio"], r["bytes_ratio"]), fontsize=6,
                             xytext=(3, 2), textcoords="offset points")  # fmt: skip
+        main_rows = {r["method"]: r for r in rows if r["model"] == model and r["shape"] == main_shape}
+        for family, color in ((["compile", "budget-0.5", "budget-0.3", "budget-0.2"], "tab:green"),
+                              (["velora-g32", "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2"], "tab:blue")):
+            pts = [(main_rows[m]["step_ratio"], main_rows[m]["bytes_ratio"]) for m in family
+                   if m in main_rows and main_rows[m].get("bytes_ratio") is not None
+                   and main_rows[m].get("step_ratio") is not None]  # fmt: skip
+            if len(pts) > 1:  # the memory knob's front: budget 1 -> 0.2
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-", color=color, lw=1, alpha=0.7)
         ax.axhline(1, color="0.8", lw=0.8)
         ax.axvline(1, color="0.8", lw=0.8)
         ax.set_title(f"{model} (large marks: {main_shape})", fontsize=9)
@@ -562,6 +594,7 @@ def main(argv=None) -> None:
     }
     (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(rows))
+    print("\n" + budget_front(rows))
     print(f"\nmain shape {main_shape}; wall time {elapsed / 60:.1f} min; torch {torch.__version__}")
     for p in plots(rows, main_shape, out_dir):  # the latest run's plots, quick or full
         print("wrote", p)
