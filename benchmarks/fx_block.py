@@ -1,4 +1,4 @@
-"""FX route on the LLaMA-like block of DESIGN.md: bytes kept for backward and step time, against the plain model.
+"""FX route on a LLaMA-like block (D=256, hidden 688): bytes kept for backward and step time, against the plain model.
 
     python benchmarks/fx_block.py            # D=256, hidden 688, batch 4 x seq 128, fp32, 32 groups
 

@@ -1,7 +1,7 @@
 """velora_fx.backend: torch.compile(model, backend=velora_fx.backend).
 
 Compiles are shared through module-scoped fixtures (each Inductor compile
-costs seconds on a small CPU). Three things are compared, as STYLE.md asks:
+costs seconds on a small CPU). Three things are compared:
 the rewritten graphs, the numerics (against the default ``torch.compile`` of
 a deep copy, against the VeLoRA formula from captured ``X`` / ``g``, and
 against ``velora_fx.ops.velora_linear``), and the ``torch.compile`` path
