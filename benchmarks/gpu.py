@@ -36,7 +36,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import (  # noqa: E402
-    LORA_METHODS,
     LORA_TARGETS,
     PAPER_POLICY,
     distinct_class,

@@ -21,7 +21,7 @@ from velora_fx import VeloraConfig
 from velora_fx.report import COMPRESSED, SKIPPED
 
 from .backend_models import TinyMLP
-from .helpers import assert_close, capture_linears, directions, grads, saved_bytes_step, state_keys, velora_dw
+from .helpers import assert_close, capture_linears, directions, grads, saved_bytes_step, velora_dw
 
 CFG = VeloraConfig(num_groups=8)
 

@@ -13,7 +13,6 @@ A hang fails the test (process-group and join timeouts) instead of blocking CI.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import os
 import socket

@@ -204,7 +204,7 @@ def test_refresh_changes_the_basis_without_recompiling(estimator):
     model = velora_fx.prepare(LlamaStack(blocks=1, dim=32, heads=2, hidden=48))
     compiled = torch.compile(model, backend=counting)
     history = []
-    for step in range(5):
+    for _ in range(5):
         saved_bytes_step(compiled, torch.randn(2, 8, 32))
         history.append(directions(model)["layers.0.mlp.down_proj.weight"])
     assert len(calls) == 1

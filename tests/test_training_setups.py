@@ -9,7 +9,6 @@ trajectory is compared with a reference built from ``velora_fx.ops.velora_linear
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch

@@ -260,7 +260,7 @@ class CompiledGraph:
                 continue  # no tokens (an empty batch): nothing to average; stays uncalibrated (its dW is 0: exact)
             proj.set_basis(basis)
             log.info("velora_fx: calibrated the projection of %s on the first batch", proj.weight)
-        for (k, proj, index), (total, count) in zip(refresh, stats[len(calibrate):]):
+        for (_, proj, index), (total, count) in zip(refresh, stats[len(calibrate):]):
             proj.set_basis(est.refreshed(proj.basis.cpu(), total.cpu(), count, proj.weight, index))
             log.debug("velora_fx: refreshed the projection of %s (refresh %d)", proj.weight, index)
 
