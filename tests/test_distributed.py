@@ -207,6 +207,18 @@ def reference(ranks):
     return _reference(torch.load(os.path.join(out, "ddp_state.pt")))
 
 
+def _linear_inputs(x) -> dict[str, torch.Tensor]:
+    """The input of every linear of the seeded ``Net`` on ``x`` (eager, one process: the whole global batch)."""
+    torch.manual_seed(0)
+    eager = Net()
+    seen = {}
+    for name, mod in eager.named_modules():
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
+    eager(x)
+    return seen
+
+
 def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())), msg=lambda m: f"{what}: {m}")
 
@@ -230,13 +242,7 @@ def test_every_rank_has_the_same_v_from_the_global_first_batch(ranks, key):
         assert res[key].keys() == v0.keys()
         assert all(torch.equal(res[key][k], v0[k]) for k in v0)
     # the global rule: v from the concatenation of all ranks' first batches (eager, one process)
-    torch.manual_seed(0)
-    eager = Net()
-    seen = {}
-    for name, mod in eager.named_modules():
-        if isinstance(mod, nn.Linear):
-            mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
-    eager(_batch()[0])
+    seen = _linear_inputs(_batch()[0])
     for k, v in v0.items():
         module = k[: -len(".weight")]
         _close(v, ops.initial_direction(seen[module], v.shape[0], k), k)
@@ -320,13 +326,7 @@ def test_refreshed_token_estimator_bases_agree_on_every_rank(ranks):
     # the first basis is the one a single process computes from the concatenated first batch
     from velora_fx.estimators import for_config
 
-    torch.manual_seed(0)
-    eager = Net()
-    seen = {}
-    for name, mod in eager.named_modules():
-        if isinstance(mod, nn.Linear):
-            mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
-    eager(torch.randn(WORLD * 2, 5, 16, generator=torch.Generator().manual_seed(100)) + 0.5)
+    seen = _linear_inputs(torch.randn(WORLD * 2, 5, 16, generator=torch.Generator().manual_seed(100)) + 0.5)
     est = for_config(PR_CFG)
     for k, basis in history[0].items():
         x = seen[k[: -len(".weight")]].reshape(-1, basis.shape[0])
