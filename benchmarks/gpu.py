@@ -36,15 +36,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import (  # noqa: E402
+    ESTIMATOR_METHODS,
     LORA_TARGETS,
-    PAPER_POLICY,
     distinct_class,
     methods_for,
     reference_for,
+    velora_config_for,
 )
 
 DEFAULT_METHODS = [
-    "eager", "compile", "velora-g32", "velora-paper", "ckpt-compile", "budget-0.5", "budget-0.2",
+    "eager", "compile", "velora-g32", "velora-paper", *ESTIMATOR_METHODS, "ckpt-compile",
+    "budget-0.5", "budget-0.3", "budget-0.2", "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2",
     "lora-compile", "lora-peft-velora", "lora-velora_fx",
 ]  # fmt: skip
 EAGER = ("eager", "ckpt-eager", "lora-eager", "lora-peft-velora")
@@ -106,16 +108,11 @@ class Method:
         self.model = distinct_class(model.to(args.device).train(), name)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.patch = float(name.split("-")[1]) if name.startswith("budget-") else None
+        cfg = velora_config_for(name, kind)
         if name in EAGER:
             self.fn = self.model
-        elif name.startswith("velora-g"):
-            cfg = velora_fx.VeloraConfig(num_groups=int(name[len("velora-g"):]))
-            self.fn = torch.compile(self.model, backend=velora_fx.make_backend(cfg))
-        elif name == "velora-paper":
-            cfg = velora_fx.VeloraConfig(num_groups=32, **PAPER_POLICY[kind])
-            self.fn = torch.compile(self.model, backend=velora_fx.make_backend(cfg))
-        elif name == "lora-velora_fx":
-            self.fn = torch.compile(self.model, backend=velora_fx.backend)
+        elif cfg is not None:
+            self.fn = torch.compile(velora_fx.prepare(self.model), backend=velora_fx.make_backend(cfg))
         else:
             self.fn = torch.compile(self.model)
         self.batch = make_batch(kind, shape["batch"], shape["seq"], args.vocab, args.device)

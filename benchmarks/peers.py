@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 FULL_METHODS = [
     "eager", "compile", "velora-g8", "velora-g16", "velora-g32", "velora-g64", "velora-paper",
-    "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2",
+    "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2", "velora-random", "velora-principal", "velora-prand",
     "ckpt-eager", "ckpt-compile", "budget-0.5", "budget-0.3", "budget-0.2",
 ]  # fmt: skip
 LORA_METHODS = ["lora-eager", "lora-compile", "lora-peft-velora", "lora-peft-velora-compile", "lora-velora_fx"]
@@ -72,6 +72,31 @@ PAPER_POLICY = {
                          "*.attention.attention.value.weight", "*.output.dense.weight"),
                 exclude=("*.attention.output.dense.weight",)),
 }  # fmt: skip
+
+
+ESTIMATOR_METHODS = {"velora-random": "random", "velora-principal": "principal", "velora-prand": "principal_random"}
+
+
+def velora_config_for(name: str, kind: str):
+    """The ``VeloraConfig`` of a velora_fx method (``None`` for any other method).
+
+    ``velora-g{G}`` (VeLoRA, ``G`` groups), ``velora-g{G}-b{B}`` (under memory budget ``B``), ``velora-paper``,
+    ``velora-random`` / ``velora-principal`` / ``velora-prand`` (the token-level estimators at 32 scalars per
+    token, refreshed every 100 steps where they refresh), ``lora-velora_fx`` (the defaults).
+    """
+    import velora_fx
+
+    if name.startswith("velora-g"):
+        groups, _, budget = name[len("velora-g"):].partition("-b")
+        return velora_fx.VeloraConfig(num_groups=int(groups), memory_budget=float(budget) if budget else None)
+    if name == "velora-paper":
+        return velora_fx.VeloraConfig(num_groups=32, **PAPER_POLICY[kind])
+    if name in ESTIMATOR_METHODS:
+        estimator = ESTIMATOR_METHODS[name]
+        return velora_fx.VeloraConfig(estimator=estimator, rank=32, refresh_every=0 if estimator == "principal" else 100)
+    if name == "lora-velora_fx":
+        return velora_fx.VeloraConfig()
+    return None
 
 
 def methods_for(model: str) -> list[str]:
@@ -184,17 +209,11 @@ class Method:
         self.model = model = distinct_class(model, name)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.patch = None
+        cfg = velora_config_for(name, kind)
         if name in ("eager", "ckpt-eager", "lora-eager", "lora-peft-velora"):
             self.fn = model
-        elif name.startswith("velora-g"):
-            groups, _, budget = name[len("velora-g"):].partition("-b")
-            cfg = velora_fx.VeloraConfig(num_groups=int(groups), memory_budget=float(budget) if budget else None)
+        elif cfg is not None:
             self.fn = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
-        elif name == "velora-paper":
-            cfg = velora_fx.VeloraConfig(num_groups=32, **PAPER_POLICY[kind])
-            self.fn = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
-        elif name == "lora-velora_fx":
-            self.fn = torch.compile(velora_fx.prepare(model), backend=velora_fx.backend)
         elif name.startswith("budget-"):
             self.patch = float(name[len("budget-"):])
             self.fn = torch.compile(model)
