@@ -26,6 +26,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from velora_fx import _torch_internals as ti
+
 __all__ = ["META_KEY", "TorchSite", "torch_site", "is_torch_weight_chain", "is_transpose_2d", "ATEN_MATMULS",
            "ATEN_WEIGHT_CHAIN", "ATEN_INPUT_CHAIN", "ATEN_VIEWS", "ATEN_ROW_VIEWS", "ATEN_TRANSPOSES_2D"]  # fmt: skip
 
@@ -34,8 +36,8 @@ META_KEY = "velora_fx"
 
 # -- torch level -------------------------------------------------------------------------------------
 
-#: ``F.linear(x, W, b)``: ``W`` is ``(out, D)``.
-LINEAR_FNS = frozenset({F.linear, torch._C._nn.linear})
+#: ``F.linear(x, W, b)``: ``W`` is ``(out, D)`` (Dynamo records the C function behind ``F.linear``).
+LINEAR_FNS = frozenset({F.linear, ti.c_linear()})
 #: ``x @ W``: ``W`` is ``(D, out)`` (or a transposed ``(out, D)``).
 MATMUL_FNS = frozenset({torch.matmul, operator.matmul, torch.mm, torch.bmm})
 MATMUL_METHODS = frozenset({"matmul", "mm", "bmm", "__matmul__"})

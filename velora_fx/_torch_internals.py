@@ -46,6 +46,7 @@ __all__ = [
     "saved_for_backward",
     "input_positions",
     "is_tangent",
+    "c_linear",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -360,3 +361,8 @@ def is_tangent(node: torch.fx.Node) -> bool:
     from torch._functorch._aot_autograd.descriptors import TangentAOTInput
 
     return isinstance(node.meta.get("desc"), TangentAOTInput)
+
+
+def c_linear() -> Callable:
+    """``torch._C._nn.linear``: the function Dynamo and ``symbolic_trace`` record for ``F.linear``."""
+    return torch._C._nn.linear
