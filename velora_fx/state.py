@@ -71,7 +71,7 @@ class Projection:
         self._steps = 0 if step is None else int(step)  # the same, as a Python int (no device sync per step)
         self._last_refresh: Optional[int] = None  # the step of the last refresh this process made
         self.leader: Optional[Projection] = None
-        self.calibrated = bool(basis.ne(0).any())
+        self._calibrated = bool(basis.ne(0).any())
 
     def __repr__(self) -> str:
         shared = f", shares {self.leader.weight}" if self.leader is not None else ""
@@ -84,6 +84,15 @@ class Projection:
     @property
     def basis(self) -> torch.Tensor:
         return self.root._basis
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the basis (the leader's, for a weight sharing it) has been set from data, a seed or a checkpoint."""
+        return self.root._calibrated
+
+    @calibrated.setter
+    def calibrated(self, value: bool) -> None:
+        self._calibrated = value
 
     @property
     def step(self) -> Optional[torch.Tensor]:
@@ -110,7 +119,7 @@ class Projection:
         root = self.root
         new = value.detach().to(root._basis.device, _STATE_DTYPE).contiguous()  # the layout graphs were built for
         root._basis = new.clone() if new is value else new
-        root.calibrated = True
+        root._calibrated = True
 
     def advance(self, every: int) -> Optional[int]:
         """Count one training step; the refresh index (1, 2, ...) when this step starts with a refresh, else None."""
@@ -138,7 +147,7 @@ class Projection:
         if leader.root is self.root:
             return
         mine, theirs = self._basis, leader.basis
-        if self.calibrated and (mine.shape != theirs.shape or not torch.equal(mine.to(theirs.device), theirs)):
+        if self._calibrated and (mine.shape != theirs.shape or not torch.equal(mine.to(theirs.device), theirs)):
             log.warning(
                 "velora_fx: the projection of %s differs from that of %s, whose input it shares; both weights use "
                 "the latter (one basis per input)",
@@ -188,7 +197,7 @@ class ProjectionState(nn.Module):
         entries = {name: Projection(name, e.field, e._basis.clone(), None if e._step is None else e._step.clone())
                    for name, e in self._entries.items()}  # fmt: skip
         for name, e in self._entries.items():
-            entries[name].calibrated, entries[name]._last_refresh = e.calibrated, e._last_refresh
+            entries[name]._calibrated, entries[name]._last_refresh = e._calibrated, e._last_refresh
             if e.leader is not None:
                 entries[name].leader = entries[e.leader.weight]
         copy._entries = entries
