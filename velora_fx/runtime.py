@@ -163,6 +163,7 @@ class CompiledGraph:
         self._primals = [s.primal for s in slots]
         self._bindings = WeakIdKeyDictionary()  # parameter -> the projection its basis input reads
         self._instances: list[InstanceRecord] = []
+        self._by_first: dict[int, InstanceRecord] = {}  # id of an instance's first parameter -> the instance
         self._last_first: Optional[weakref.ref] = None
         self.order = next(_ORDER)
 
@@ -199,9 +200,11 @@ class CompiledGraph:
 
     def _note_instance(self, args: list) -> None:
         """Remember (weakly) the parameters of this call, for ``records``, if this set of parameters is new."""
-        if any(inst.same(args, self._primals) for inst in self._instances):
+        known = self._by_first.get(id(args[self._primals[0]]))
+        if known is not None and known.same(args, self._primals):
             return
         self._instances = [inst for inst in self._instances if inst.alive()]
+        self._by_first = {id(inst.params[0]()): inst for inst in self._instances if inst.params[0]() is not None}
         params, owners, names = [], [], []
         for slot in self.spec.slots:
             param = args[slot.primal]
@@ -212,6 +215,7 @@ class CompiledGraph:
         record = InstanceRecord(self.spec.name, (self.order, next(_ORDER)), self.sites, self.summary, tuple(params),
                                 tuple(owners), tuple(names))  # fmt: skip
         self._instances.append(record)
+        self._by_first[id(args[self._primals[0]])] = record
         for slot in self.spec.slots:
             _RECORDS.setdefault(args[slot.primal], []).append(record)
         for owner in {id(o()): o() for o in owners if o is not None}.values():
