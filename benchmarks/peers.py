@@ -482,7 +482,7 @@ def plots(rows: list[dict], main_shape: str, out_dir: pathlib.Path) -> list[str]
         for i, shape in enumerate(shapes):
             by = {r["method"]: r for r in rows if r["model"] == model and r["shape"] == shape}
             pts = sorted((int(k[len("velora-g"):]), r["bytes"] / 2**20) for k, r in by.items()
-                         if k.startswith("velora-g") and r.get("bytes"))  # fmt: skip
+                         if k.startswith("velora-g") and k[len("velora-g"):].isdigit() and r.get("bytes"))  # fmt: skip
             if not pts:
                 continue
             line = ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=f"velora {shape}", ms=3)[0]
@@ -521,6 +521,7 @@ def parse_args(argv=None):
     ap.add_argument("--cache-dir", default=None, help="Inductor cache (default: a new empty temporary directory)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker process (a shape process compiles every method)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--replot", default=None, help="redraw the plots (and the budget front) from this results JSON")
     ap.add_argument("--worker-shape", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-fresh", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -536,6 +537,13 @@ def main(argv=None) -> None:
         if spec:
             print("@@result " + json.dumps(fn(json.loads(spec))), flush=True)
             return
+
+    if args.replot:
+        data = json.loads(pathlib.Path(args.replot).read_text())
+        print(budget_front(data["rows"]))
+        for p in plots(data["rows"], data["meta"]["main_shape"], pathlib.Path(args.replot).parent):
+            print("wrote", p)
+        return
 
     from tqdm import tqdm
 
