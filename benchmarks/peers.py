@@ -8,7 +8,10 @@ Same model, same batch, every method side by side:
 * ``eager``, ``compile`` (default ``torch.compile``);
 * ``velora-g{8,16,32,64}``: ``torch.compile(backend=velora_fx.make_backend(VeloraConfig(num_groups=g)))``;
 * ``velora-g32-b{0.5,0.3,0.2}``: the same under a memory budget (``VeloraConfig(memory_budget=b)``): VeLoRA
-  composed with the partitioner's recomputation, one knob;
+  composed with the partitioner's recomputation, one knob; ``exact-b{0.5,0.3,0.2}``: the budget alone through
+  velora_fx's backend, nothing compressed (``exclude=("*",)``): the budget scoped to the backend, which a
+  recompile cannot lose (the global flag of ``budget-*`` is lost when Dynamo recompiles after the first call:
+  measured on ViT);
 * ``velora-paper``: the paper's policy (value and down projections only, 32 groups; GPT-2 / ViT: the
   equivalent names, see ``PAPER_POLICY``);
 * exact peers: ``ckpt-eager`` / ``ckpt-compile`` (``model.gradient_checkpointing_enable()``, non-reentrant),
@@ -56,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 FULL_METHODS = [
     "eager", "compile", "velora-g8", "velora-g16", "velora-g32", "velora-g64", "velora-paper",
     "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2", "velora-random", "velora-principal", "velora-prand",
-    "ckpt-eager", "ckpt-compile", "budget-0.5", "budget-0.3", "budget-0.2",
+    "ckpt-eager", "ckpt-compile", "budget-0.5", "budget-0.3", "budget-0.2", "exact-b0.5", "exact-b0.3", "exact-b0.2",
 ]  # fmt: skip
 LORA_METHODS = ["lora-eager", "lora-compile", "lora-peft-velora", "lora-peft-velora-compile", "lora-velora_fx"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -96,6 +99,8 @@ def velora_config_for(name: str, kind: str):
         return velora_fx.VeloraConfig(estimator=estimator, rank=32, refresh_every=0 if estimator == "principal" else 100)
     if name == "lora-velora_fx":
         return velora_fx.VeloraConfig()
+    if name.startswith("exact-b"):  # nothing compressed: the memory budget alone, scoped as velora_fx scopes it
+        return velora_fx.VeloraConfig(exclude=("*",), memory_budget=float(name[len("exact-b"):]))
     return None
 
 
