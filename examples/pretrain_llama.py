@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", default=None, help="the velora route's VeloraConfig as JSON (to_dict())")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this step (an interruption: the schedule still spans --steps)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--dim", type=int, default=256)
@@ -147,6 +149,8 @@ def main(argv=None) -> dict:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
         if args.minutes is not None and time.perf_counter() - t0 > 60 * args.minutes:
+            break
+        if args.stop_after is not None and step + 1 >= args.stop_after:
             break
     if args.route.startswith("velora") and not args.quiet:
         print(velora_fx.report(step_model))

@@ -22,6 +22,7 @@ import logging
 import pathlib
 import statistics
 import sysconfig
+import textwrap
 import time
 
 import torch
@@ -161,15 +162,16 @@ def main(argv=None) -> None:
             models[name] = model
 
     base = results["torch.compile"]
-    print(f"\n{args.steps} AdamW steps of {args.batch} x {args.seq} bytes, dim {args.dim}, {len(initial.layers)} blocks, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
-    print(f"{'':<24}{'kept for backward':>20}{'(report said)':>15}{'step time':>12}{'loss, last 5 steps':>21}")
+    print(f"\n{args.steps} AdamW steps of {args.batch} x {args.seq} bytes, dim {args.dim}, {len(initial.layers)} "
+          f"blocks; torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
+    print(f"{'':<24}{'kept for backward':>20}{'(report said)':>15}{'step time':>12}{'loss, last 5':>15}")
     for name, r in results.items():
         said = "-" if r["predicted"] is None else f"{r['predicted'] / 2**20:.2f} MiB"
         print(f"{name:<24}{r['kept'] / 2**20:>9.2f} MiB ({r['kept'] / base['kept']:.2f}x){said:>15}"
-              f"{r['step'] / base['step']:>11.2f}x{r['loss']:>21.3f}")  # fmt: skip
-    print("\n(kept: measured with saved_tensors_hooks, the loss's own 'kept' included; step time relative to "
-          "torch.compile, medians; short runs: the losses differ by the noise of a few steps)\n")
+              f"{r['step'] / base['step']:>11.2f}x{r['loss']:>15.3f}")  # fmt: skip
+    print(textwrap.fill("(kept: measured with saved_tensors_hooks, the loss's own included; the report's figure is "
+                        "the compiled graphs'. Step time: median, relative to torch.compile. A short run: the "
+                        "losses differ by a few steps' noise.)", 100) + "\n")  # fmt: skip
     print(velora_fx.report(models["velora_fx"]))
 
 
