@@ -7,7 +7,8 @@ compress), then blocks of every site kind — ``nn.Linear``, ``F.linear``, ``x @
 one input read by several weights (q/k/v-like), a weight used twice (tied), frozen weights; shapes whose feature size
 may not divide ``num_groups``; fp32 or bf16 autocast; static or dynamic shapes. Each model is compiled once with
 ``velora_fx.make_backend``, prepared or not, and must give, against an eager deep copy: the same output, the same input
-gradient, the same gradient for every parameter that is not compressed, and for every compressed weight the VeLoRA
+gradient, the same gradient for every parameter that is not compressed (under bf16 autocast: against the default
+``torch.compile``, whose rounding it shares), and for every compressed weight the VeLoRA
 formula ``scale · Σ_uses gᵀ x̂`` from the ``X`` / ``g`` of each use, with ``v`` the calibrated mean direction of all
 its inputs. Every trainable weight is reported; at least 80 % of the examples compress something (asserted over the
 run by the last test of this file).
@@ -251,8 +252,11 @@ def _step(model, x, r, autocast: bool):
     return out.detach().float(), x.grad, {n: p.grad.clone() for n, p in root.named_parameters() if p.grad is not None}
 
 
-def _close(got, want, what, autocast: bool):
-    rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)
+def _close(got, want, what, autocast: bool, loose: bool = False):
+    """fp32: float re-association. bf16 autocast: bf16 rounding; ``loose`` for the VeLoRA formula, whose ``x`` and ``g``
+    are captured in an eager bf16 run (found: eager's and compiled code's bf16 gradients differ by ~5 % of their
+    scale through four blocks, for the default backend as for velora_fx)."""
+    rtol, atol = ((5e-2, 8e-2) if loose else (3e-2, 3e-2)) if autocast else (1e-4, 1e-5)
     scale = max(1.0, float(want.abs().max()) if want.numel() else 1.0)
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
@@ -288,16 +292,27 @@ TIED_HALF_COMPRESSED = ArchSpec(
 )  # fmt: skip
 
 
+# Found by the 1000-example run: under bf16 autocast, default torch.compile's dx differs from eager's by 0.17 (on a
+# scale of 4) through four blocks; velora_fx's equals default compile's bit for bit. The oracle was too strict.
+BF16_DEEP = ArchSpec(
+    dim=16, lead=(4, 3), num_groups=3, scale=1.0, autocast=True, dynamic=False, prepared=False,
+    blocks=(BlockSpec("linear", (LinSpec("addmm", 16, True, False),), act="gelu"), BlockSpec("norm", norm="layer"),
+            BlockSpec("tied", (LinSpec("module", 16, True, False),), act="relu"),
+            BlockSpec("tied", (LinSpec("module", 16, True, False),))),
+)  # fmt: skip
+
+
 # No shrinking: every step of it costs an Inductor compile; the failing spec is printed whole (note()).
 @settings(max_examples=MAX_EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @example(spec=TIED_HALF_COMPRESSED, seed=34836)
+@example(spec=BF16_DEEP, seed=0)
 @given(spec=arch_specs(), seed=st.integers(0, 2**16))
 def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
     note(repr(spec))
     torch._dynamo.reset()  # every example is a new model: no recompile limit, no stale dynamic shapes
     torch.manual_seed(seed)
     model = FuzzNet(spec)
-    eager = copy.deepcopy(model)
+    eager, default_model = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(*spec.lead, spec.dim)
     r = torch.randn(*spec.lead, model.out_width)
     cfg = VeloraConfig(num_groups=spec.num_groups, scale=spec.scale)
@@ -311,6 +326,8 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
         if isinstance(mod, Lin):
             mod.taps = taps[name] = []
     want_out, want_dx, want = _step(eager, x, r, spec.autocast)
+    if spec.autocast:  # in bf16, compiled code rounds differently from eager: the exact reference is default compile
+        want_out, want_dx, want = _step(torch.compile(default_model), x, r, spec.autocast)
     _close(out, want_out, "output", spec.autocast)
     _close(dx, want_dx, "dx", spec.autocast)
     assert set(got) == set(want)
@@ -342,9 +359,9 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
             xs = xs.to(torch.bfloat16)
         v = vs[weight]
         assert v.shape == (cfg.sub_token_size_for(xs.shape[-1]),)
-        _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast)
+        _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast, loose=True)
         want_dw = _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast, statuses[weight])
-        _close(got[weight], want_dw, weight, spec.autocast)
+        _close(got[weight], want_dw, weight, spec.autocast, loose=True)
 
 
 def test_most_examples_compress_and_every_site_kind_is_compressed():
