@@ -319,15 +319,15 @@ def with_custom_passes(**ours: Any) -> dict[str, Any]:
 
 
 def saved_for_backward(graph: torch.fx.Graph) -> Optional[list[torch.fx.Node]]:
-    """The outputs of a partitioned forward graph that AOTAutograd saves for backward; ``None`` for a graph whose
-    outputs are not described so (a backward graph)."""
+    """The outputs of a partitioned forward graph that AOTAutograd saves for backward (possibly none); ``None`` for
+    a graph that is not such a forward (a backward graph: its outputs are gradients; or one without descriptors)."""
     from torch._functorch._aot_autograd import descriptors
 
     kinds = tuple(getattr(descriptors, k) for k in ("SavedForBackwardsAOTOutput", "SavedForBackwardsNoVcCheckAOTOutput")
                   if hasattr(descriptors, k))  # fmt: skip
     output = graph.output_node()
     descs = output.meta.get("desc")
-    if not descs or not any(isinstance(d, kinds) for d in descs):
+    if not descs or any(isinstance(d, descriptors.GradAOTOutput) for d in descs):
         return None
     return [n for n, d in zip(output.args[0], descs) if isinstance(d, kinds) and isinstance(n, torch.fx.Node)]
 

@@ -141,10 +141,13 @@ def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraCon
 
     key = plan_store.graph_key(gm, examples, VeloraJointPass(spec, config).uuid())
     compiled, joint_pass, summary = compile_once(caches=ti.compile_caches_enabled())
-    if joint_pass.plan is None:  # a compile-cache hit: the passes did not run; what they found was stored
+    if joint_pass.plan is None or summary.summary is None:
+        # A compile-cache hit, whole (AOTAutograd's cache: no pass ran) or partial (Inductor's FX graph cache served
+        # the forward: the joint pass ran, the partition summary did not). What the passes found was stored.
         stored = plan_store.load(key)
         if stored is not None:
-            return (compiled, *stored)
+            sites = stored[0] if joint_pass.plan is None else joint_pass.plan.sites
+            return compiled, sites, stored[1]
         log.info("velora_fx: %s came from the compile cache without its plan; recompiling it", spec.name)
         compiled, joint_pass, summary = compile_once(caches=False)
     plan_store.store(key, joint_pass.plan.sites, summary.summary)
