@@ -369,6 +369,8 @@ def test_most_examples_compress_and_every_site_kind_is_compressed():
     if not OUTCOMES:
         pytest.skip("the fuzz test did not run in this session")
     share = sum(o["compressed"] > 0 for o in OUTCOMES) / len(OUTCOMES)
+    weights = sum(o["compressed"] for o in OUTCOMES)
+    print(f"\nfuzz: {len(OUTCOMES)} examples, {share:.0%} compressed a weight ({weights} weights in all)")  # with -s
     assert share >= 0.8, f"only {share:.0%} of {len(OUTCOMES)} examples compressed anything"
     if len(OUTCOMES) >= 20:
         kinds = set().union(*(o["kinds"] for o in OUTCOMES))
