@@ -1,10 +1,12 @@
-"""velora_fx in two minutes: a small LLaMA-style LM on real text, compiled three ways, side by side.
+"""velora_fx in two minutes: a small LLaMA-style LM on real text, compiled four ways, side by side.
 
 Trains the same byte-level model (same seed, same batches of the Python standard library's own sources) with
 
 * plain ``torch.compile`` (the baseline),
-* ``torch.compile(model, backend=velora_fx.backend)``,
-* the same with a memory budget (``make_backend(VeloraConfig(memory_budget=...))``: the partitioner recomputes
+* ``torch.compile(model, backend=velora_fx.backend)``: the paper's VeLoRA,
+* the recommended estimator (``RECOMMENDED``: an unbiased random projection, re-seeded every 100 steps), at
+  VeLoRA's bytes,
+* VeLoRA with a memory budget (``make_backend(VeloraConfig(memory_budget=...))``: the partitioner recomputes
   more),
 
 and prints, for each, the bytes kept for backward (measured, and as the report predicted them), the step time
@@ -31,6 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 import velora_fx
+
+#: the estimator the README recommends to new users (benchmarks/README.md, "Convergence")
+RECOMMENDED = velora_fx.VeloraConfig(estimator="random", refresh_every=100)
 
 
 class RMSNorm(nn.Module):
@@ -131,6 +136,7 @@ def main(argv=None) -> None:
     runs = {
         "torch.compile": lambda m: torch.compile(m),
         "velora_fx": lambda m: torch.compile(velora_fx.prepare(m), backend=velora_fx.backend),
+        "velora_fx, random": lambda m: torch.compile(velora_fx.prepare(m), backend=velora_fx.make_backend(RECOMMENDED)),
         f"velora_fx, budget {args.budget:g}": lambda m: torch.compile(
             velora_fx.prepare(m), backend=velora_fx.make_backend(velora_fx.VeloraConfig(memory_budget=args.budget))
         ),
@@ -163,7 +169,7 @@ def main(argv=None) -> None:
 
     base = results["torch.compile"]
     print(f"\n{args.steps} AdamW steps of {args.batch} x {args.seq} bytes, dim {args.dim}, {len(initial.layers)} "
-          f"blocks; torch {torch.__version__}, {torch.get_num_threads()} threads\n")  # fmt: skip
+          f"blocks; torch {torch.__version__}, torch threads: {torch.get_num_threads()}\n")  # fmt: skip
     print(f"{'':<24}{'kept for backward':>20}{'(report said)':>15}{'step time':>12}{'loss, last 5':>15}")
     for name, r in results.items():
         said = "-" if r["predicted"] is None else f"{r['predicted'] / 2**20:.2f} MiB"
