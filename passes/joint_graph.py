@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -33,6 +34,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from velora_fx import _torch_internals as ti
 from velora_fx.config import VeloraConfig
+from velora_fx.passes import contract, sites
 from velora_fx.passes.contract import GraphSpec, ParamSlot, PlannedSite, escape
 from velora_fx.passes.sites import (
     ATEN_INPUT_CHAIN,
@@ -589,7 +591,10 @@ def velora_joint_pass(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConf
     return PassResult(graph, modified), plan
 
 
-_SOURCES = (__file__,)  # what the rewrite depends on (with the config and the slots: see uuid)
+#: what the rewrite and its plan depend on (with the config and the slots: see uuid): this module, the contract,
+#: the site tables, the torch internals it goes through, and the byte accounting of the report
+_SOURCES = tuple(sys.modules[m].__file__ for m in (__name__, contract.__name__, sites.__name__, ti.__name__,
+                                                   kept_bytes.__module__))
 
 
 class VeloraJointPass(ti.CustomGraphPass):

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from velora_fx import _torch_internals as ti
-from velora_fx import dynamo_graph, plan_store
+from velora_fx import dynamo_graph, partition_summary, plan_store
 from velora_fx.config import VeloraConfig
 from velora_fx.estimators import Estimator, for_config
 from velora_fx.passes.contract import GraphSpec, ParamSlot
@@ -139,7 +139,9 @@ def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraCon
         with ti.inductor_patch(**passes), ti.memory_budget_patch(config.memory_budget), ti.compile_caches(caches):
             return ti.compile_fx(gm, examples, patches), joint_pass, summary
 
-    key = plan_store.graph_key(gm, examples, VeloraJointPass(spec, config).uuid())
+    # the plan and the summary are stored together: the key covers what produces either
+    uuid = VeloraJointPass(spec, config).uuid() + partition_summary.sources_uuid()
+    key = plan_store.graph_key(gm, examples, uuid)
     compiled, joint_pass, summary = compile_once(caches=ti.compile_caches_enabled())
     if joint_pass.plan is None or summary.summary is None:
         # A compile-cache hit, whole (AOTAutograd's cache: no pass ran) or partial (Inductor's FX graph cache served

@@ -28,9 +28,14 @@ from velora_fx import _torch_internals as ti
 from velora_fx.passes.sites import META_KEY
 from velora_fx.report import GraphSummary
 
-__all__ = ["JointOutline", "ForwardSummary"]
+__all__ = ["JointOutline", "ForwardSummary", "sources_uuid"]
 
-_SOURCES = (__file__,)
+_SOURCES = (__file__, ti.__file__)  # this module and the torch internals it reads the graphs with
+
+
+def sources_uuid() -> str:
+    """What both passes' results depend on: a part of the plan store's key (the summary is stored with the plan)."""
+    return ti.hash_files(_SOURCES)
 
 
 @dataclasses.dataclass
