@@ -143,7 +143,7 @@ def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraCon
     uuid = VeloraJointPass(spec, config).uuid() + partition_summary.sources_uuid()
     key = plan_store.graph_key(gm, examples, uuid)
     compiled, joint_pass, summary = compile_once(caches=ti.compile_caches_enabled())
-    if joint_pass.plan is None or summary.summary is None:
+    if joint_pass.plan is None or not summary.ran:
         # A compile-cache hit, whole (AOTAutograd's cache: no pass ran) or partial (Inductor's FX graph cache served
         # the forward: the joint pass ran, the partition summary did not). What the passes found was stored.
         stored = plan_store.load(key)

@@ -76,8 +76,10 @@ class ForwardSummary(ti.CustomGraphPass):
     def __init__(self, graph_name: str, outline: JointOutline, parameter_inputs: set[int], budget: Optional[float]):
         self.graph_name, self.outline, self.parameter_inputs, self.budget = graph_name, outline, parameter_inputs, budget
         self.summary: Optional[GraphSummary] = None
+        self.ran = False  # False after a compile whose forward came from Inductor's FX graph cache
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        self.ran = True
         saved = ti.saved_for_backward(graph)
         if saved is None or self.summary is not None:  # not a forward graph (the backward, compiled later)
             return

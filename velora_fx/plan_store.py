@@ -63,16 +63,15 @@ def store(key: str, sites: Sequence[PlannedSite], summary: Optional[GraphSummary
         log.debug("velora_fx: could not store the plan %s: %s", key, e)
 
 
-def load(key: str) -> Optional[tuple[list[PlannedSite], GraphSummary]]:
-    """The plan and the partition summary stored for the graph ``key``, ``None`` if either is missing."""
+def load(key: str) -> Optional[tuple[list[PlannedSite], Optional[GraphSummary]]]:
+    """The plan and the partition summary stored for the graph ``key``, ``None`` if there are none. Only a compile
+    where both passes ran stores an entry, so a ``None`` summary here means the graph has none (no descriptors)."""
     try:
         with open(_path(key)) as f:
             data = json.load(f)
         sites = [PlannedSite(**dict(s, related=tuple(s["related"]),
                                     input_shape=None if s["input_shape"] is None else tuple(s["input_shape"])))
                  for s in data["sites"]]  # fmt: skip
-        if data["summary"] is None:  # written before the partition summary was always found: incomplete
-            return None
-        return sites, GraphSummary.from_dict(data["summary"])
+        return sites, None if data["summary"] is None else GraphSummary.from_dict(data["summary"])
     except (OSError, ValueError, TypeError, KeyError):
         return None
