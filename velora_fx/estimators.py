@@ -106,7 +106,8 @@ class Estimator:
 
     def refreshed(self, basis: torch.Tensor, total: Optional[torch.Tensor], count: int, name: str, index: int) -> torch.Tensor:
         """The basis after refresh number ``index`` (1, 2, ...), from the current one and, if it needs data, the
-        refresh statistics of this batch (``count == 0``: none, keep what data gave before)."""
+        refresh statistics of this batch (``count == 0``: none, keep what data gave before). A refresh that needs no
+        data reads only ``basis.shape`` (the basis may be on any device; the result is on the CPU)."""
         raise NotImplementedError
 
 

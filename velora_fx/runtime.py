@@ -296,7 +296,7 @@ class CompiledGraph:
                 if est.refresh_needs_data:
                     refresh.append((k, proj, index))
                 else:
-                    proj.set_basis(est.refreshed(proj.basis.cpu(), None, 0, proj.weight, index))
+                    proj.set_basis(est.refreshed(proj.basis, None, 0, proj.weight, index))  # a re-seed: no copy
         if self._primals and (rebound or self._last_first is None or self._last_first() is not args[self._primals[0]]):
             self._last_first = weakref.ref(args[self._primals[0]])
             self._note_instance(args)
