@@ -2,10 +2,12 @@
 
     python benchmarks/backend_bench.py       # 4 blocks, hidden 256, ffn 688, batch 4 x seq 256, fp32, 32 groups
     python benchmarks/backend_bench.py --methods default,velora,random,principal,principal_random,prand-every1
+    python benchmarks/backend_bench.py --methods default,random,random-every1 --compile-repeats 0
 
 Each method is the default ``torch.compile`` or ``velora_fx.make_backend(config)``: ``velora`` (``num_groups``),
-the token-level estimators at the same bytes (``rank = num_groups``), and ``prand-every1`` (``principal_random``
-refreshed on every step: what one refresh costs). Figures, as ratios to ``default``:
+the token-level estimators at the same bytes (``rank = num_groups``), ``prand-every1`` (``principal_random``
+refreshed on every step: what one refresh costs) and ``random-every1`` (``random`` re-seeded on every step).
+Figures, as ratios to ``default``:
 
 * bytes kept for backward: distinct storages packed by ``saved_tensors_hooks``
   during the forward of a training step (parameters excluded);
@@ -15,7 +17,8 @@ refreshed on every step: what one refresh costs). Figures, as ratios to ``defaul
   kernel shared between them), medians over ``--compile-repeats`` processes.
 
 The cost of a refresh every ``R`` steps, averaged over a run, is
-``(step(prand-every1) - step(principal_random)) / R / step(default)``, printed for R = 100.
+``(step(prand-every1) - step(principal_random)) / R / step(default)``, printed for R = 100; a re-seed of
+``random`` needs no data: ``step(random-every1) / step(random)`` is its cost when done on every step.
 
 Prints a table and JSON (also written to ``benchmarks/out/backend_bench.json``).
 """
@@ -60,6 +63,8 @@ def config_for(which: str, groups: int):
         return velora_fx.VeloraConfig(num_groups=groups)
     if which == "prand-every1":
         return velora_fx.VeloraConfig(estimator="principal_random", rank=groups, refresh_every=1)
+    if which == "random-every1":
+        return velora_fx.VeloraConfig(estimator="random", rank=groups, refresh_every=1)
     return velora_fx.VeloraConfig(estimator=which, rank=groups)
 
 
@@ -94,7 +99,7 @@ def compile_once(which: str, args) -> float:
 
 
 def compile_times(args) -> dict[str, float]:
-    out: dict[str, list[float]] = {m: [] for m in args.methods if m != "prand-every1"}
+    out: dict[str, list[float]] = {m: [] for m in args.methods if not m.endswith("-every1")}
     for _ in range(args.compile_repeats):
         for which in out:
             with tempfile.TemporaryDirectory() as cache:
@@ -109,7 +114,7 @@ def _shape_args(args) -> list[str]:
     return [f"--{k}={getattr(args, k)}" for k in ("blocks", "dim", "heads", "ffn", "batch", "seq", "groups")]
 
 
-METHODS = ("default", "velora", "random", "principal", "principal_random", "prand-every1")
+METHODS = ("default", "velora", "random", "principal", "principal_random", "prand-every1", "random-every1")
 
 
 def main() -> None:
@@ -171,6 +176,9 @@ def main() -> None:
         per_refresh = times["prand-every1"] - times["principal_random"]
         print(f"one refresh of every principal_random basis: {per_refresh * 1e3:.1f} ms; every 100 steps, averaged: "
               f"{per_refresh / 100 / times['default']:.2%} of a default step")  # fmt: skip
+    if "random-every1" in rows and "random" in rows:
+        print(f"random re-seeded on every step: {times['random-every1'] / times['random']:.3f}x the step of random "
+              f"without re-seeding")  # fmt: skip
     result = {
         "config": {k: getattr(args, k) for k in ("blocks", "dim", "heads", "ffn", "batch", "seq", "groups", "repeats",
                                                  "compile_repeats")},
