@@ -42,6 +42,8 @@ METHODS = {
     "velora": _velora(),
     "random": _velora(estimator="random", rank=32),
     "random-r100": _velora(estimator="random", rank=32, refresh_every=100),
+    "random-r10": _velora(estimator="random", rank=32, refresh_every=10),
+    "random-r1": _velora(estimator="random", rank=32, refresh_every=1),
     "principal": _velora(estimator="principal", rank=32),
     "principal-r100": _velora(estimator="principal", rank=32, refresh_every=100),
     "prand": _velora(estimator="principal_random", rank=32),
