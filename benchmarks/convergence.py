@@ -174,6 +174,7 @@ def plots(runs: dict, summary: dict) -> None:
         ax.set(xscale="log", xlabel="scalars kept per token (k); bytes of p = k/D of the input",
                ylabel="gap to tuned exact (nats/byte, seed 0)", title=f"{RECOMMENDED}: bytes vs loss")
         ax.set_xticks([k for k, _ in pts], [str(k) for k, _ in pts])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(RESULTS / "convergence_rank.png")
