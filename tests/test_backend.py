@@ -776,3 +776,28 @@ def test_a_users_joint_pre_pass_is_chained_not_replaced():
         assert inductor_config.joint_custom_pre_pass is user  # restored after the compile
     assert user.seen == [2]  # it ran, after ours (it saw our two projections)
     assert len(velora_fx.report(model).compressed) == 2
+
+
+def test_chained_passes_for_a_torch_with_one_pass_per_slot():
+    """torch 2.11 takes one pass per slot: ours and the user's run as one, in order, cacheable only if both are."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    order = []
+
+    class Named(CustomGraphPass):
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, graph):
+            order.append(self.name)
+
+        def uuid(self):
+            return self.name
+
+    chained = ti._chained([Named("ours"), Named("theirs")])
+    chained(torch.fx.Graph())
+    assert order == ["ours", "theirs"] and isinstance(chained, CustomGraphPass)
+    assert chained.uuid() == ("ours", "theirs")
+    plain = ti._chained([Named("ours"), lambda graph: order.append("a function")])
+    plain(torch.fx.Graph())
+    assert order[2:] == ["ours", "a function"] and not isinstance(plain, CustomGraphPass)

@@ -158,7 +158,10 @@ def copy_graph_module_with_inputs(
 def size_hint(value: Any) -> int:
     """A concrete int for a (possibly symbolic) size: the example value Dynamo traced with, for a ``SymInt``."""
     if isinstance(value, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
+        try:
+            from torch.fx.experimental.symbolic_shapes import optimization_hint
+        except ImportError:  # torch 2.11
+            from torch.fx.experimental.symbolic_shapes import size_hint as optimization_hint
 
         return int(optimization_hint(value))
     return int(value)
@@ -312,10 +315,32 @@ def with_custom_passes(**ours: Any) -> dict[str, Any]:
         if theirs is None:
             patches[slot] = pass_
             continue
-        if not hasattr(custom_graph_pass, "get_custom_graph_passes"):
-            raise RuntimeError(f"velora_fx: this torch takes one {slot}; unset yours to use velora_fx")
-        patches[slot] = [pass_, *(list(theirs) if isinstance(theirs, (list, tuple)) else [theirs])]
+        chain = [pass_, *(list(theirs) if isinstance(theirs, (list, tuple)) else [theirs])]
+        patches[slot] = chain if hasattr(custom_graph_pass, "get_custom_graph_passes") else _chained(chain)
     return patches
+
+
+def _chained(passes: list) -> Any:
+    """One pass running ``passes`` in order, for a torch whose slots take a single pass (2.11). It is a
+    ``CustomGraphPass`` (cacheable, keyed on every uuid) when all of them are; otherwise a plain function, which
+    makes Inductor bypass its cache, as it would for the user's function alone."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    def run(graph):
+        for pass_ in passes:
+            pass_(graph)
+
+    if not all(isinstance(p, CustomGraphPass) for p in passes):
+        return run
+
+    class Chained(CustomGraphPass):
+        def __call__(self, graph):
+            run(graph)
+
+        def uuid(self):
+            return tuple(p.uuid() for p in passes)
+
+    return Chained()
 
 
 def saved_for_backward(graph: torch.fx.Graph) -> Optional[list[torch.fx.Node]]:
