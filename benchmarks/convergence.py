@@ -229,7 +229,8 @@ def plots(runs: dict, summary: dict) -> None:
         for seed in m["best"]:
             ax = axes[seed]
             recs = [r for r in runs[(method, m["best_lr"], seed)] if "val_loss" in r]
-            ax.plot([r["step"] for r in recs], [r["val_loss"] for r in recs], label=f"{method} (lr {m['best_lr']})")
+            ax.plot([r["step"] for r in recs], [r["val_loss"] for r in recs], label=f"{method} (lr {m['best_lr']})",
+                    color=plt.cm.tab10(main.index(method) % 10))  # one colour per method in both panels
     for ax, seed in zip(axes, (0, 1)):
         ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"seed {seed}, each at its best lr", ylim=(1.2, 2.2))
         ax.grid(alpha=0.3)
