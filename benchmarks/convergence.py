@@ -113,7 +113,7 @@ def summarise(runs: dict) -> dict:
         best = min(tried, key=lambda lr: grid[lr][TUNING_SEED]) if tried else None
         i = tried.index(best) if best else None
         bracketed = best is not None and 0 < i < len(tried) - 1
-        out[method] = {"grid": grid, "seeds": seeds, "best_lr": best, "bracketed": bracketed,
+        out[method] = {"grid": grid, "best_lr": best, "bracketed": bracketed,
                        "tuned": bracketed and len(tried) >= 3 and len(grid[best]) >= 2,
                        "best": grid[best] if best else None}  # fmt: skip
     base = out.get("exact", {}).get("best")
@@ -124,17 +124,27 @@ def summarise(runs: dict) -> dict:
     return out
 
 
+def _joined(values, fmt: str) -> str:
+    """Per-seed figures as the tables show them: ``1.3632 / 1.3846``."""
+    return " / ".join(format(v, fmt) for v in values)
+
+
+def _how(m: dict) -> str:
+    """How far a method's rate is tuned, in the READMEs' words."""
+    return "bracketed" if m["bracketed"] else ("one rate" if len(m["grid"]) == 1 else "at the edge")
+
+
 def table(summary: dict) -> str:
     """Every run: the terminal's view."""
+    yes = {True: "yes", False: "no"}
     lines = ["| method | lr: final val loss (seed 0 / seed 1) | best lr (seed 0) | bracketed | tuned | best (s0 / s1) | gap to exact (s0 / s1, mean) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, m in summary.items():
-        grid = "; ".join(f"{lr}: " + " / ".join(f"{v:.4f}" for v in g.values()) for lr, g in m["grid"].items())
-        best = " / ".join(f"{v:.4f}" for v in m["best"].values()) if m["best"] else "—"
+        grid = "; ".join(f"{lr}: " + _joined(g.values(), ".4f") for lr, g in m["grid"].items())
+        best = _joined(m["best"].values(), ".4f") if m["best"] else "—"
         gap = "—"
         if m.get("gap"):
-            gap = " / ".join(f"{v:+.4f}" for v in m["gap"].values()) + f", {m['gap_mean']:+.4f}"
-        yes = {True: "yes", False: "no"}
+            gap = _joined(m["gap"].values(), "+.4f") + f", {m['gap_mean']:+.4f}"
         lines.append(f"| {method} | {grid} | {m['best_lr']} | {yes[m['bracketed']]} | {yes[m['tuned']]} | {best} | {gap} |")
     return "\n".join(lines)
 
@@ -162,14 +172,12 @@ def readme_table(summary: dict) -> str:
             continue
         label = f"**{LABELS[method]} (recommended)**" if method == RECOMMENDED else LABELS[method]
         tried = ", ".join(f"{lr} ({','.join(str(s) for s in g)})" for lr, g in m["grid"].items())
-        how = "bracketed" if m["bracketed"] else ("one rate" if len(m["grid"]) == 1 else "at the edge")
-        best = " / ".join(f"{v:.4f}" for v in m["best"].values())
         gap = "—"
         if method != "exact" and m.get("gap"):
-            gap = " / ".join(f"{v:+.3f}" for v in m["gap"].values())
+            gap = _joined(m["gap"].values(), "+.3f")
             if len(m["gap"]) > 1:
                 gap += f" (mean **{m['gap_mean']:+.3f}**)"
-        lines.append(f"| {label} | {tried} | {m['best_lr']} ({how}) | {best} | {gap} |")
+        lines.append(f"| {label} | {tried} | {m['best_lr']} ({_how(m)}) | {_joined(m['best'].values(), '.4f')} | {gap} |")
     return "\n".join(lines)
 
 
@@ -180,10 +188,8 @@ def readme_k_table(summary: dict, dim: int = 384) -> str:
         m = summary.get(RECOMMENDED if k == 32 else f"{RECOMMENDED}-k{k}")
         if not m or not m["best_lr"] or not m.get("gap"):
             continue
-        best = " / ".join(f"{v:.4f}" for v in m["best"].values())
-        gap = " / ".join(f"{v:+.3f}" for v in m["gap"].values())
-        how = "bracketed" if m["bracketed"] else ("one rate" if len(m["grid"]) == 1 else "at the edge")
-        lines.append(f"| {k} | {k}/{dim} = {k / dim:.3f} | {m['best_lr']} ({how}) | {best} | {gap} |")
+        lines.append(f"| {k} | {k}/{dim} = {k / dim:.3f} | {m['best_lr']} ({_how(m)}) | {_joined(m['best'].values(), '.4f')} |"
+                     f" {_joined(m['gap'].values(), '+.3f')} |")
     return "\n".join(lines)
 
 
