@@ -65,6 +65,11 @@ def config_for(which: str, groups: int):
         return velora_fx.VeloraConfig(estimator="principal_random", rank=groups, refresh_every=1)
     if which == "random-every1":
         return velora_fx.VeloraConfig(estimator="random", rank=groups, refresh_every=1)
+    if which.startswith("quant"):  # quant<bits>[-g<group size>][-nearest]
+        bits, *rest = which.removeprefix("quant").split("-")
+        group = next((int(r[1:]) for r in rest if r.startswith("g")), 32)
+        rounding = "nearest" if "nearest" in rest else "stochastic"
+        return velora_fx.VeloraConfig(estimator=velora_fx.Quantized(int(bits), group, rounding))
     return velora_fx.VeloraConfig(estimator=which, rank=groups)
 
 
@@ -114,7 +119,8 @@ def _shape_args(args) -> list[str]:
     return [f"--{k}={getattr(args, k)}" for k in ("blocks", "dim", "heads", "ffn", "batch", "seq", "groups")]
 
 
-METHODS = ("default", "velora", "random", "principal", "principal_random", "prand-every1", "random-every1")
+METHODS = ("default", "velora", "random", "principal", "principal_random", "prand-every1", "random-every1", "quant1", "quant2",
+           "quant3", "quant4", "quant8", "quant4-nearest", "quant2-g128")
 
 
 def main() -> None:

@@ -52,6 +52,10 @@ METHODS = {
     "prand-r100": _velora(estimator="principal_random", rank=32, refresh_every=100),
     **{f"prand-r100-k{k}": _velora(estimator="principal_random", rank=k, refresh_every=100) for k in (8, 16, 64)},
     **{f"random-r100-k{k}": _velora(estimator="random", rank=k, refresh_every=100) for k in (8, 16, 64)},
+    # every coordinate at a few bits (groups of 32, a bfloat16 low end and step each): bits + 1 per element
+    **{f"quant{b}": _velora(estimator={"name": "quantized", "bits": b}) for b in (1, 2, 3, 4)},
+    "quant4-nearest": _velora(estimator={"name": "quantized", "bits": 4, "rounding": "nearest"}),
+    "quant2-g128": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128}),
 }  # fmt: skip
 
 #: the estimator the README recommends (from the table ``summary`` prints); its k-sweep is ``{RECOMMENDED}-k{k}``

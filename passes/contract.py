@@ -88,7 +88,7 @@ class PlannedSite:
     bytes_before: Optional[int] = None
     bytes_after: Optional[int] = None
     estimator: Optional[str] = None
-    per_token: Optional[int] = None
+    per_token: Optional[float] = None
 
     def render(self, graph: str, names: Sequence[str]) -> SiteRecord:
         """The public record, with ``names[k]`` the name of slot ``k`` in one model instance."""

@@ -37,7 +37,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from velora_fx.config import VeloraConfig
 from velora_fx.estimators import for_config
 from velora_fx.passes.sites import META_KEY, is_transpose_2d, torch_site
-from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord
+from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord, kept_bytes
 from velora_fx.state import CONTAINER, ProjectionState
 
 __all__ = ["Site", "plan", "apply", "velora_linear_pass", "records", "GRAPH_NAME"]
@@ -169,16 +169,17 @@ def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[Decision]:
         basis_shape = None if reason else estimator.basis_shape(site.features)[0]
         text = reason
         if reason is None:
-            n = -(-site.features // basis_shape[0]) * basis_shape[1]
-            text = f"input kept as {n} projections per token"
+            n = estimator.per_token(site.features, basis_shape)
+            text = (f"input kept at {n:g} bits per element" if estimator.traced else
+                    f"input kept as {n} projections per token")  # fmt: skip
             members = [s.weight_name for s, r in group if r is None]
             if len(members) > 1:  # one text for the whole group: the report prints it once
                 text += f"; {', '.join(members)} read one input and keep one p"
         record = SiteRecord(
             graph=GRAPH_NAME, node=site.node.name, weight=site.weight_name, status=SKIPPED if reason else COMPRESSED,
-            reason=text, sub_token_size=None if basis_shape is None else basis_shape[0],
-            estimator=None if reason else config.estimator,
-            per_token=None if reason else -(-site.features // basis_shape[0]) * basis_shape[1],
+            reason=text, sub_token_size=None if basis_shape is None or estimator.traced else basis_shape[0],
+            estimator=None if reason else estimator.name,
+            per_token=None if reason else estimator.per_token(site.features, basis_shape),
         )  # fmt: skip
         group = None if leader is None else id(site.x) if isinstance(site.x, fx.Node) else id(site)
         decisions.append(Decision(site, record, leader, None if group is None else hash((group, leader))))
@@ -272,8 +273,6 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
     Sites that share one input (q/k/v projections of one normed tensor) count
     its bytes once, on the first of them, and its ``p`` once.
     """
-    from velora_fx.report import kept_bytes
-
     state = gm._modules.get(CONTAINER)
     state = state if isinstance(state, ProjectionState) else None
     seen = state.fx_inputs if state is not None else {}
@@ -287,7 +286,8 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
             changes: dict[str, Any] = {}
             if record.node in seen:
                 shape, dtype, basis_shape, kept = seen[record.node]
-                before, after = kept_bytes(shape, dtype, basis_shape)
+                before = kept_bytes(shape, dtype, None)[0]
+                after = for_config(state.config).kept_bytes(shape, dtype, basis_shape)
                 changes = {"input_shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,
                            "bytes_after": after}  # fmt: skip
                 if not kept:

@@ -33,7 +33,9 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from velora_fx import _torch_internals as ti
-from velora_fx.config import VeloraConfig
+from velora_fx.codec import Estimator
+from velora_fx.config import Quantized, VeloraConfig
+from velora_fx.estimators import for_config
 from velora_fx.passes import contract, sites
 from velora_fx.passes.contract import GraphSpec, ParamSlot, PlannedSite, escape
 from velora_fx.passes.sites import (
@@ -273,7 +275,7 @@ def plan_joint_graph(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConfi
             for consumer, chain, k in consumers:
                 group[k][1].append((consumer, chain))
             groups[x] = group
-    return JointPlan(_records(sites, by_x, groups, spec, config.estimator), groups, markers)
+    return JointPlan(_records(sites, by_x, groups, spec, for_config(config)), groups, markers)
 
 
 def _why_not(site: _Site, slot: ParamSlot, g: _Graph) -> str:
@@ -328,7 +330,7 @@ def _decide(x, xs: list[_Site], spec: GraphSpec, config: VeloraConfig, g: _Graph
     return consumers, "", ()
 
 
-def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, estimator: str) -> list[PlannedSite]:
+def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, codec: Estimator) -> list[PlannedSite]:
     """One ``PlannedSite`` per site: a stored tensor's bytes are counted once, on its first site; each ``p`` once."""
     planned: list[PlannedSite] = []
     counted: set[torch.fx.Node] = set()
@@ -340,7 +342,9 @@ def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, estimator: str) 
             continue
         compressed = x in groups
         shape, dtype = _shape_hint(x), _val(x).dtype
-        before, after = kept_bytes(shape, dtype, slot.basis_shape if compressed else None)
+        before, after = kept_bytes(shape, dtype, None)
+        if compressed:
+            after = codec.kept_bytes(shape, dtype, slot.basis_shape)
         key = (x, slot.basis_primal)
         if x in counted:
             before, after = 0, (after if compressed and key not in projected else 0)
@@ -356,11 +360,11 @@ def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, estimator: str) 
                 reason = (f"compressed; {names} read one input and keep one p" if one_p else
                           f"compressed; {names} read one input (a p each)") + " (its bytes counted on the first)"
                 related = tuple(group)
-        per_token = -(-shape[-1] // slot.basis_shape[0]) * slot.basis_shape[1] if compressed else None
+        per_token = codec.per_token(shape[-1], slot.basis_shape) if compressed else None
+        sub_token = None if not compressed or codec.traced else slot.sub_token_size
         planned.append(PlannedSite(
             site.slot, site.node.name, COMPRESSED if compressed else SKIPPED, reason, related, shape,
-            str(dtype).replace("torch.", ""), slot.sub_token_size if compressed else None, before, after,
-            estimator if compressed else None, per_token,
+            str(dtype).replace("torch.", ""), sub_token, before, after, codec.name if compressed else None, per_token,
         ))  # fmt: skip
     return planned
 
@@ -469,6 +473,30 @@ def _reconstruct(graph, x, p, basis, scale, before) -> torch.fx.Node:
         return b(aten.view.default, x_hat, [*_dims(b, x, _val(x).dim() - 1), features])
 
 
+def _carried(like: torch.fx.Node, role: str) -> dict[str, Any]:
+    """The provenance ``meta`` of nodes inserted for ``like``, tagged with their ``role``."""
+    meta = {key: like.meta[key] for key in _CARRIED_META if key in like.meta}
+    meta[META_KEY] = {"role": role}
+    return meta
+
+
+def _encode(graph, codec: Estimator, x, state, basis_shape, site) -> tuple[torch.fx.Node, ...]:
+    """What a traced codec keeps of ``X`` (``codec.encode``, traced to aten ops), inserted before ``site``."""
+    saved = ti.trace_into(graph, lambda x, s: codec.encode(x, s, basis_shape), [x, state], site,
+                          _carried(site, "project"))  # fmt: skip
+    return tuple(saved)
+
+
+def _decode(graph, codec: Estimator, x, saved, state, basis_shape, scale, before) -> torch.fx.Node:
+    """``x̂ = scale · decode(saved)`` of a traced codec, in the shape and dtype of ``x``, inserted before ``before``."""
+    features, dtype = int(_val(x).shape[-1]), _val(x).dtype
+    rows = ti.trace_into(graph, lambda s, *saved: codec.decode(saved, s, basis_shape, features, dtype),
+                         [state, *saved], before, _carried(before, "reconstruct"))  # fmt: skip
+    with graph.inserting_before(before):
+        b = _Builder(graph, before, "reconstruct")
+        return b(aten.view.default, _scaled(b, rows, scale), [*_dims(b, x, _val(x).dim() - 1), features])
+
+
 def _as_rows(x: torch.fx.Node, chain: list[torch.fx.Node]) -> Optional[bool]:
     """How a weight-gradient ``mm`` reads ``X`` through ``chain``: ``False`` as ``X.view(N, D)``,
     ``True`` as its transpose ``(D, N)``, ``None`` for anything else (then ``x̂`` is rebuilt)."""
@@ -513,6 +541,7 @@ def _weight_grad_from_p(graph, consumer, reads, chain, x, p, basis, scale) -> Op
 def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, config: VeloraConfig) -> bool:
     """Rewrite ``graph`` as ``plan`` says; returns whether anything changed."""
     changed = False
+    codec = for_config(config)
     layout = ti.joint_layout(graph)
     inputs = {i: n for n, i in layout.input_index.items()}
     direction: dict[int, torch.fx.Node] = {}
@@ -536,20 +565,24 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, co
             if basis is None:
                 raise ValueError(f"no direction marker for the basis input {slot.basis_primal} of slot {k}")
             if basis not in projections:
-                projections[basis] = _project(graph, x, basis, first_site_of[slot.basis_primal])
+                first = first_site_of[slot.basis_primal]
+                projections[basis] = (_encode(graph, codec, x, basis, slot.basis_shape, first) if codec.traced
+                                      else _project(graph, x, basis, first))  # fmt: skip
             p = projections[basis]
             for site in fw_sites:
                 site.meta[META_KEY] = {"site": k}
             x_hat = None  # rebuilt only for weight gradients that cannot be served from p directly
             for consumer, chain in sorted(consumers, key=lambda c: order[c[0]]):
                 reads = chain[-1] if chain else x
-                dw = _weight_grad_from_p(graph, consumer, reads, chain, x, p, basis, config.scale)
+                dw = None if codec.traced else _weight_grad_from_p(graph, consumer, reads, chain, x, p, basis, config.scale)
                 if dw is not None:
                     dw.meta[META_KEY] = {"role": "weight_gradient", "weight_gradient": k}
                     consumer.replace_all_uses_with(dw)
                     graph.erase_node(consumer)
                 else:
-                    if x_hat is None:
+                    if x_hat is None and codec.traced:
+                        x_hat = _decode(graph, codec, x, p, basis, slot.basis_shape, config.scale, consumer)
+                    elif x_hat is None:
                         x_hat = _reconstruct(graph, x, p, basis, config.scale, consumer)
                     y = x_hat
                     with graph.inserting_before(consumer):
@@ -592,9 +625,12 @@ def velora_joint_pass(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConf
 
 
 #: what the rewrite and its plan depend on (with the config and the slots: see uuid): this module, the contract,
-#: the site tables, the torch internals it goes through, and the byte accounting of the report
+#: the site tables, the torch internals it goes through, the byte accounting of the report, and the estimators
+#: (a traced codec's code is inlined into the graph: editing it must miss the cache)
 _SOURCES = tuple(sys.modules[m].__file__ for m in (__name__, contract.__name__, sites.__name__, ti.__name__,
-                                                   kept_bytes.__module__))
+                                                   kept_bytes.__module__, Estimator.__module__, for_config.__module__,
+                                                   type(for_config(VeloraConfig(estimator=Quantized()))).__module__,
+                                                   "velora_fx.ops"))
 
 
 class VeloraJointPass(ti.CustomGraphPass):

@@ -10,7 +10,7 @@ model code::
     print(velora_fx.report(model))
 """
 
-from .config import INIT_MODES, VeloraConfig
+from .config import INIT_MODES, Quantized, VeloraConfig
 from .state import Projection, prepare, projections
 from .fx import calibrate, transform
 from .ops import project, reconstruct, velora_linear
@@ -20,6 +20,7 @@ from .compile_backend import backend, make_backend
 __all__ = [
     "INIT_MODES",
     "Projection",
+    "Quantized",
     "Report",
     "SiteRecord",
     "VeloraConfig",

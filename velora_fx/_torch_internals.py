@@ -47,6 +47,7 @@ __all__ = [
     "input_positions",
     "is_tangent",
     "c_linear",
+    "trace_into",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -391,3 +392,48 @@ def is_tangent(node: torch.fx.Node) -> bool:
 def c_linear() -> Callable:
     """``torch._C._nn.linear``: the function Dynamo and ``symbolic_trace`` record for ``F.linear``."""
     return torch._C._nn.linear
+
+
+def trace_into(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[Any], before: torch.fx.Node,
+               meta: Optional[dict[str, Any]] = None) -> Any:  # fmt: skip
+    """Trace ``fn`` on the fake values of ``args`` (nodes of ``graph``, or constants) to aten ops, with Inductor's
+    decompositions (what a joint graph holds), and insert the ops before ``before``. Returns ``fn``'s output with
+    each tensor replaced by its node; every new node carries ``meta["val"]`` and, updated over it, ``meta``."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._dispatch.python import enable_python_dispatcher
+
+    values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+    nodes = [a for a in args if isinstance(a, torch.fx.Node)]
+    fake_mode = detect_fake_mode(values)
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) != len(nodes):
+        raise ValueError("trace_into: every tensor argument must be a node of the graph")
+
+    def traced(*tensor_args):
+        it = iter(tensor_args)
+        return fn(*(next(it) if isinstance(v, torch.Tensor) else v for v in values))
+
+    with contextlib.ExitStack() as stack:
+        if fake_mode is not None:
+            stack.enter_context(fake_mode)
+        stack.enter_context(enable_python_dispatcher())
+        sub = make_fx(traced, decomposition_table=select_decomp_table(), tracing_mode="real")(*tensors)
+    env: dict[torch.fx.Node, Any] = {}
+    placeholders = iter(nodes)
+    result = None
+    with graph.inserting_before(before):
+        for node in sub.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+            elif node.op == "output":
+                result = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
+            elif node.op == "get_attr":
+                raise ValueError(f"trace_into: {fn} made a constant tensor ({node.target}); build it from the inputs")
+            else:
+                schema = getattr(node.target, "_schema", None)
+                if schema is not None and schema.is_mutable:  # a joint graph is functional
+                    raise ValueError(f"trace_into: {fn} mutates a tensor in place ({node.format_node()})")
+                env[node] = new = graph.node_copy(node, lambda n: env[n])
+                new.meta.update(meta or {})
+    return result

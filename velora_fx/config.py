@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["VeloraConfig", "INIT_MODES", "ESTIMATORS"]
+__all__ = ["VeloraConfig", "Quantized", "INIT_MODES", "ESTIMATORS"]
 
 #: Ways to choose the projection direction ``v`` of a weight.
 #:
@@ -35,6 +35,58 @@ INIT_MODES = ("batch_average_once", "batch_average", "ema", "random")
 #:                       projection (``random_rank`` columns) of the rest of the input: unbiased, with variance
 #:                       from the residual's energy only.
 ESTIMATORS = ("velora", "random", "principal", "principal_random")
+
+_BITS = (1, 2, 3, 4, 8)
+_ROUNDINGS = ("stochastic", "nearest")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The quantized estimator's own settings: keep every coordinate of the input at ``bits`` bits.
+
+    Given as ``VeloraConfig(estimator=Quantized(...))``. Each token's features
+    are cut into groups of ``group_size``; each group keeps a low end and a
+    step (two bfloat16 numbers) and each element a ``bits``-bit code, rounded
+    stochastically (unbiased: ``E[x̂] = x``) or to the nearest level. An input
+    keeps ``bits + 32 / group_size`` bits per element (fp32 keeps 32). The
+    random numbers come from a hash of (seed, weight, step, element), never
+    from torch's generators. NOTE [quantized weight gradient] in
+    ``velora_fx/quantized.py`` has the math.
+
+    Args:
+        bits: bits per code, one of ``(1, 2, 3, 4, 8)``.
+        group_size: elements sharing one low end and step; a positive multiple of 8.
+        rounding: ``"stochastic"`` (the default: unbiased) or ``"nearest"``.
+
+    Example::
+
+        >>> cfg = VeloraConfig(estimator=Quantized(bits=2))
+        >>> cfg.estimator_name, VeloraConfig.from_dict(cfg.to_dict()) == cfg
+        ('quantized', True)
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    rounding: str = "stochastic"
+
+    name = "quantized"
+
+    def __post_init__(self) -> None:
+        if self.bits not in _BITS or isinstance(self.bits, bool):
+            raise ValueError(f"Quantized.bits must be one of {_BITS}, got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 8 or gs % 8:
+            raise ValueError(f"Quantized.group_size must be a positive multiple of 8 (codes pack 8 at a time), got {gs!r}")
+        if self.rounding not in _ROUNDINGS:
+            raise ValueError(f"Quantized.rounding must be one of {_ROUNDINGS}, got {self.rounding!r}")
+
+    @property
+    def bits_per_element(self) -> float:
+        """What an input keeps per element: the code and its share of the group's two bfloat16 numbers."""
+        return self.bits + 32 / self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
 
 _DEFAULT_NUM_GROUPS = 32
 
@@ -110,7 +162,7 @@ class VeloraConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = field(default_factory=tuple)
     memory_budget: Optional[float] = None
-    estimator: str = "velora"
+    estimator: Any = "velora"
     rank: Optional[int] = None
     random_rank: Optional[int] = None
     refresh_every: int = 0
@@ -154,7 +206,30 @@ class VeloraConfig:
         object.__setattr__(self, "ema_decay", float(self.ema_decay))
         object.__setattr__(self, "refresh_decay", float(self.refresh_decay))
 
+    @property
+    def estimator_name(self) -> str:
+        """The estimator's name: one of ``ESTIMATORS``, or ``"quantized"``."""
+        return self.estimator if isinstance(self.estimator, str) else self.estimator.name
+
     def _check_estimator(self) -> None:
+        if isinstance(self.estimator, dict):  # from JSON
+            fields = dict(self.estimator)
+            if fields.pop("name", None) != Quantized.name:
+                raise ValueError(f"VeloraConfig.estimator as a dict must be Quantized(...).to_dict(), got {self.estimator!r}")
+            object.__setattr__(self, "estimator", Quantized(**fields))
+        if isinstance(self.estimator, Quantized):
+            given = {name: getattr(self, name) for name in ("sub_token_size", "rank", "random_rank") if getattr(self, name)}
+            if self.init != "batch_average_once":
+                given["init"] = self.init
+            if self.refresh_every:
+                given["refresh_every"] = self.refresh_every
+            if given:
+                raise ValueError(
+                    f"VeloraConfig: {given} set how a projection is chosen; estimator=Quantized(...) keeps every "
+                    "coordinate (its settings are bits, group_size and rounding) and draws new random numbers every "
+                    "step by itself"
+                )
+            return
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"VeloraConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         for name in ("rank", "random_rank"):
@@ -236,6 +311,8 @@ class VeloraConfig:
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict; ``VeloraConfig.from_dict`` inverts it."""
         out = dataclasses.asdict(self)
+        if isinstance(self.estimator, Quantized):
+            out["estimator"] = self.estimator.to_dict()
         out["include"] = list(self.include)
         out["exclude"] = list(self.exclude)
         return out

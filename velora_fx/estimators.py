@@ -37,78 +37,11 @@ from typing import Optional
 import torch
 
 from . import ops
-from .config import VeloraConfig
+from .codec import Estimator
+from .config import Quantized, VeloraConfig
+from .quantized import QuantizedEstimator
 
-__all__ = ["Estimator", "Velora", "RandomProjection", "Principal", "PrincipalRandom", "for_config"]
-
-
-class Estimator:
-    """The interface; ``Velora`` is the paper's estimator, the others project whole tokens (``d = D``)."""
-
-    field = "basis"
-
-    def __init__(self, config: VeloraConfig):
-        self.config = config
-
-    @property
-    def name(self) -> str:
-        return self.config.estimator
-
-    @property
-    def refresh_every(self) -> int:
-        return self.config.refresh_every
-
-    @property
-    def refreshed_in_graph(self) -> bool:
-        """Whether the graph computes this step's basis itself (and returns it as an extra output)."""
-        return False
-
-    @property
-    def shares_per_input(self) -> bool:
-        """Whether weights reading one input use one basis (NOTE [one basis per input] in ``runtime.py``)."""
-        return True
-
-    @property
-    def refresh_needs_data(self) -> bool:
-        """Whether a refresh reads the current batch (else it only re-seeds)."""
-        return False
-
-    def basis_shape(self, features: int) -> tuple[Optional[tuple[int, int]], str]:
-        """``((d, r), "")`` for an input of ``features``, or ``(None, reason)`` when it cannot be compressed."""
-        k = self.config.rank
-        if k >= features:
-            return None, (f"feature size {features} is not larger than rank {k}: the projection would keep as much "
-                          "as the input; use a smaller rank (or exclude this weight) to compress it")  # fmt: skip
-        return (features, k), ""
-
-    def state_shape(self, basis_shape: tuple[int, int]) -> tuple[int, ...]:
-        return tuple(basis_shape)
-
-    def initial(self, basis_shape, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The state of a new projection (CPU): the basis (all zeros: to calibrate) and the step counter."""
-        return torch.zeros(self.state_shape(basis_shape)), self._step()
-
-    def _step(self) -> Optional[torch.Tensor]:
-        return torch.zeros((), dtype=torch.int64) if self.refresh_every else None
-
-    def statistics(self, x: torch.Tensor, basis_shape) -> tuple[torch.Tensor, int]:
-        """What calibration needs from a batch ``x`` of shape ``(N, D)``: a sum (float64) and a count, additive."""
-        x64 = x.detach().double()
-        return x64.t() @ x64, x.shape[0]
-
-    def calibrated(self, total: torch.Tensor, count: int, name: str, basis_shape) -> Optional[torch.Tensor]:
-        """The basis from summed statistics (``None``: no tokens, stay uncalibrated). Raises on NaN/inf."""
-        raise NotImplementedError
-
-    def refresh_statistics(self, x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """What a refresh needs from the batch ``x`` of shape ``(N, D)``, given the current basis; additive."""
-        return self.statistics(x, tuple(basis.shape))
-
-    def refreshed(self, basis: torch.Tensor, total: Optional[torch.Tensor], count: int, name: str, index: int) -> torch.Tensor:
-        """The basis after refresh number ``index`` (1, 2, ...), from the current one and, if it needs data, the
-        refresh statistics of this batch (``count == 0``: none, keep what data gave before). A refresh that needs no
-        data reads only ``basis.shape`` (the basis may be on any device; the result is on the CPU)."""
-        raise NotImplementedError
+__all__ = ["Estimator", "Velora", "RandomProjection", "Principal", "PrincipalRandom", "QuantizedEstimator", "for_config"]
 
 
 def _finite(tensor: torch.Tensor, name: str) -> None:
@@ -294,5 +227,7 @@ class PrincipalRandom(Principal):
 
 def for_config(config: VeloraConfig) -> Estimator:
     """The estimator a config asks for."""
+    if isinstance(config.estimator, Quantized):
+        return QuantizedEstimator(config)
     return {"velora": Velora, "random": RandomProjection, "principal": Principal,
             "principal_random": PrincipalRandom}[config.estimator](config)  # fmt: skip

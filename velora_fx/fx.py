@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from typing import Any, Iterator, Optional
 
@@ -55,7 +56,7 @@ def _plain(x, weight, bias, weight_is_out_by_in: bool) -> torch.Tensor:
                         "velora_fx.calibrate(model, batch) before compiling with fullgraph=True")  # fmt: skip
 def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) -> None:
     entry, est = state.get(name), for_config(state.config)
-    basis_shape = (entry.basis.shape[0], 1 if entry.basis.dim() == 1 else entry.basis.shape[1])
+    basis_shape = _basis_shape(entry, est)
     x2d = x.detach().reshape(-1, x.shape[-1])
     total, count = est.statistics(x2d, basis_shape)
     basis = est.calibrated(total, count, f"weight {name!r} (graph node {site!r})", basis_shape)
@@ -89,8 +90,8 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
     cfg = state.config
     if x.numel() * x.element_size() < cfg.min_saved_bytes:
         return None
-    entry = state.get(name)
-    if cfg.refresh_every and not forced:
+    entry, est = state.get(name), for_config(cfg)
+    if est.refresh_every and not forced:
         _advance(state, name, x)
     if not entry.calibrated:
         _calibrate(state, name, x, site)
@@ -101,22 +102,42 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
         entry.set_basis(basis)
     if not torch.is_grad_enabled():
         return None  # a calibration-only call
+    if est.traced:
+        with torch.no_grad():
+            return est.encode(x.detach().to(ops.compute_dtype(x)), entry.basis, _basis_shape(entry, est))
     return ops.projected_input(x, entry.basis)
+
+
+def _basis_shape(entry, est) -> tuple[int, int]:
+    """The ``(d, r)`` of an entry's estimator (a traced codec's from its config; its state is only a key)."""
+    if est.traced:
+        return est.basis_shape(0)[0]
+    basis = entry.basis
+    return basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]
+
+
+def _decoder(est, basis_shape):
+    """``decode(saved, state, features, dtype)`` of a traced codec, for ``VeloraLinearFunction``'s backward."""
+    return functools.partial(_decode_with, est, basis_shape)
+
+
+def _decode_with(est, basis_shape, saved, state, features, dtype):
+    return est.decode(saved, state, basis_shape, features, dtype)
 
 
 def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], weight: torch.Tensor,
            bias: Optional[torch.Tensor], *, name: str, site: str, weight_is_out_by_in: bool) -> torch.Tensor:  # fmt: skip
     """One site: the plain op, keeping ``p`` instead of ``x`` for ``dW`` when ``p`` is given."""
     training = torch.is_grad_enabled() and weight.requires_grad and x.is_floating_point() and x.numel() > 0
+    est = for_config(state.config)
     if (training or _forced_calibration) and site not in state.fx_inputs and not torch.compiler.is_compiling():
-        basis = state.get(name).basis
         kept = x.numel() * x.element_size() >= state.config.min_saved_bytes
-        state.fx_inputs[site] = (tuple(x.shape), x.dtype, (basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]),
-                                 kept)  # fmt: skip
+        state.fx_inputs[site] = (tuple(x.shape), x.dtype, _basis_shape(state.get(name), est), kept)
     if p is None or not training:
         return _plain(x, weight, bias, weight_is_out_by_in)
+    decode = _decoder(est, _basis_shape(state.get(name), est)) if est.traced else None
     return ops.VeloraLinearFunction.apply(x, p, weight, bias, state.get(name).basis, state.config.scale,
-                                          weight_is_out_by_in)  # fmt: skip
+                                          weight_is_out_by_in, decode)  # fmt: skip
 
 
 def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.GraphModule:

@@ -182,7 +182,7 @@ def random_direction(d: int, seed: int, name: str, index: int = 0) -> torch.Tens
     return (v / v.norm()).float()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Dtype the matmul runs in: the autocast dtype inside an autocast region, else ``x``'s."""
     device = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device):
@@ -193,11 +193,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def projected_input(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``p`` as a site keeps it: ``project(x, basis)`` in the dtype the matmul runs in, outside autograd."""
     with torch.no_grad():
-        return project(x.detach().to(_compute_dtype(x)), basis)
+        return project(x.detach().to(compute_dtype(x)), basis)
 
 
 class VeloraLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` (``weight_is_out_by_in=False``: ``y = x W + b``) keeping ``p`` instead of ``x`` for ``dW``.
+
+    ``p`` is a projection's coordinates, or, with ``decode`` (a traced codec:
+    ``decode(saved, state, features, dtype) -> x̂``), the tuple of tensors the
+    codec's ``encode`` kept; then ``dW = scale · gᵀ x̂``.
 
     ``p = projected_input(x, basis)`` is computed by the caller, so that
     several weights reading one ``x`` keep one ``p`` (the same tensor object:
@@ -207,15 +211,17 @@ class VeloraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, p, weight, bias, basis, scale: float, weight_is_out_by_in: bool):
-        dtype = _compute_dtype(x)
+    def forward(ctx, x, p, weight, bias, basis, scale: float, weight_is_out_by_in: bool, decode=None):
+        dtype = compute_dtype(x)
         x_c, w_c = x.to(dtype), weight.to(dtype)
         w_lin = w_c if weight_is_out_by_in else w_c.t()
         y = F.linear(x_c, w_lin, None if bias is None else bias.to(dtype))
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        ctx.save_for_backward(p if needs_w else None, w_lin if needs_x else None, basis if needs_w else None)
+        kept = (tuple(p) if isinstance(p, (tuple, list)) else (p,)) if needs_w else (None,)
+        ctx.save_for_backward(*kept, w_lin if needs_x else None, basis if needs_w else None)
         ctx.scale = scale
         ctx.weight_is_out_by_in = weight_is_out_by_in
+        ctx.decode = decode
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
         ctx.features = x.shape[-1]
@@ -230,7 +236,7 @@ class VeloraLinearFunction(torch.autograd.Function):
                 "supported: its weight gradient is an approximation with no exact derivative. Exclude the layer "
                 "(VeloraConfig(exclude=...)) or run this step on the model before velora_fx.transform."
             )
-        p, w_lin, basis = ctx.saved_tensors
+        *kept, w_lin, basis = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dx = dw = db = None
         out_features = grad_out.shape[-1]
@@ -238,13 +244,16 @@ class VeloraLinearFunction(torch.autograd.Function):
             dx = torch.matmul(grad_out, w_lin.to(grad_out.dtype)).to(ctx.x_dtype)
         if needs_w:
             g = grad_out.reshape(-1, out_features)
-            dw = weight_grad(g, p.reshape(g.shape[0], -1), basis, ctx.features)
+            if ctx.decode is None:
+                dw = weight_grad(g, kept[0].reshape(g.shape[0], -1), basis, ctx.features)
+            else:  # a traced codec: the exact matmul on x̂
+                dw = g.t().mm(ctx.decode(kept, basis, ctx.features, g.dtype))
             if ctx.scale != 1.0:
                 dw = dw * ctx.scale
             dw = (dw if ctx.weight_is_out_by_in else dw.t()).to(ctx.w_dtype).contiguous()
         if needs_b:
             db = grad_out.reshape(-1, out_features).sum(0).to(ctx.b_dtype)
-        return dx, None, dw, db, None, None, None
+        return dx, None, dw, db, None, None, None, None
 
 
 def velora_linear(

@@ -23,7 +23,7 @@ class SiteRecord:
     while the input's shape is not known yet (an FX-transformed module before
     its first forward). A compressed site also says which ``estimator`` keeps
     its input, in how many scalars ``per_token`` (the sub-token size ``d``
-    aside), and at which training step its basis was last refreshed
+    aside; the quantized estimator: bits per element), and at which training step its basis was last refreshed
     (``last_refresh``; ``None``: not since this process started).
     """
 
@@ -38,7 +38,7 @@ class SiteRecord:
     bytes_before: Optional[int] = None
     bytes_after: Optional[int] = None
     estimator: Optional[str] = None
-    per_token: Optional[int] = None
+    per_token: Optional[float] = None
     last_refresh: Optional[int] = None
 
     @property
@@ -178,7 +178,7 @@ class Report(tuple):
             rows_by_graph.setdefault(r.graph, []).append((
                 _ellipsize(r.weight, 44),
                 "?" if r.input_shape is None else "x".join(map(str, r.input_shape)) + f" {_short_dtype(r.dtype)}",
-                "-" if r.per_token is None else str(r.per_token),
+                "-" if r.per_token is None else f"{r.per_token:g}",
                 f"{_fmt_bytes(r.bytes_before)} -> {_fmt_bytes(r.bytes_after)}",
                 r.status + note,
             ))  # fmt: skip
@@ -212,7 +212,9 @@ class Report(tuple):
             recs = [r for r in self.compressed if r.estimator == name]
             refreshed = [r.last_refresh for r in recs if r.last_refresh is not None]
             when = f"; last refresh at step {max(refreshed)}" if refreshed else ""
-            out += textwrap.wrap(f"estimator {name}: {len(recs)} sites; k = scalars kept per token{when}", width)
+            k = ("bits kept per element (its code and its share of the group's scales), relative to the input's "
+                 "dtype" if name == "quantized" else "scalars kept per token")  # fmt: skip
+            out += textwrap.wrap(f"estimator {name}: {len(recs)} sites; k = {k}{when}", width)
         return out
 
     def __str__(self) -> str:

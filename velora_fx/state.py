@@ -263,12 +263,12 @@ class ProjectionState(nn.Module):
             if not key.startswith(prefix):
                 continue
             weight, _, field = key[len(prefix):].rpartition(".")
-            if field not in ("v", "basis", "step") or not weight:
+            if field not in ("v", "basis", "key", "step") or not weight:
                 unexpected_keys.append(key)
                 continue
             loaded.setdefault(weight, {})[field] = value
         for weight, fields in loaded.items():
-            field = "v" if "v" in fields else "basis"
+            field = next((f for f in ("v", "key", "basis") if f in fields), "basis")
             if field not in fields:
                 unexpected_keys.extend(f"{prefix}{weight}.{f}" for f in fields)
                 continue

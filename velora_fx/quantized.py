@@ -1,0 +1,215 @@
+"""The quantized estimator: every coordinate of the input kept at a few bits, for the weight gradient only.
+
+NOTE [quantized weight gradient]
+A projection keeps a few coordinates of each token exactly and drops the
+rest; this codec keeps *every* coordinate coarsely. Per token, the features
+are cut into groups of ``G`` (``group_size``, zero-padded at the end); each
+group keeps a low end ``lo`` and a step ``s`` (two bfloat16 numbers) and each
+element one code ``c ∈ {0, …, 2^bits − 1}``::
+
+    t  = (x − lo) / s                       ∈ [0, 2^bits − 1]
+    c  = floor(t + u)                       u ~ U[0, 1): stochastic rounding (nearest: u = ½)
+    x̂  = lo + c · s                         E[x̂] = x: unbiased
+    dW ≈ scale · gᵀ x̂                       dx = g W, db = Σ g     (exact)
+
+``lo`` is rounded *down* and ``s`` *up* to bfloat16 (a margin of 2⁻⁸ before
+rounding), so that ``t`` never leaves ``[0, 2^bits − 1]``: clamping would
+bias the estimate. Codes are packed eight at a time into ``bits`` bytes
+(``bits = 8``: one byte each), so an input of ``N × D`` elements keeps
+``N·D·bits/8`` bytes of codes and ``4·N·D/G`` bytes of ``lo``/``s``: ``bits +
+32/G`` bits per element, whatever the input's dtype (the bits are relative to
+what the matmul reads: bfloat16 under autocast, else the input's dtype).
+
+The uniforms ``u`` come from no generator: ``u = hash(key, i) / 2³²`` for
+element ``i`` of the (padded) input, with ``key`` a 24-bit integer drawn from
+(seed, weight, step) by the runtime and passed to the graph as its state
+input. The hash is a handful of integer ops in int64 with every product below
+2⁶³ (no overflow, identical on every backend), which Inductor fuses into the
+quantize kernel. So training with velora_fx draws nothing from the user's
+generators (dropout, data order unchanged), every rank draws the same ``u``,
+and a run resumed from a checkpoint (its step counter) draws the same ``u``
+again: bit-identical.
+
+Everything here is plain tensor code on ``(N, D)`` rows: the FX route calls it
+in an ``autograd.Function``, the compile backend traces it into the joint
+graph (``_torch_internals.trace_into``). One definition, two routes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .codec import Estimator
+from .ops import seed_for
+
+__all__ = ["QuantizedEstimator", "encode", "decode", "uniforms", "key_for", "kept_bytes", "KEY_BITS"]
+
+#: the state input holds the step's key as an integer below ``2**KEY_BITS`` in a float32 (exact)
+KEY_BITS = 24
+
+_M32 = 0xFFFFFFFF
+_MARGIN = 2.0**-8  # bfloat16 keeps 8 significant bits: a relative margin of 2^-8 survives its rounding
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, after Wellons' lowbias32) of ``h`` in ``[0, 2^32)``, held in int64:
+    both multipliers are below 2^31, so no product reaches 2^63."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & _M32
+    return h ^ (h >> 16)
+
+
+def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``U[0, 1)`` float32 numbers, one per element of ``rows`` (any shape), from ``key`` (a float32 tensor of
+    shape ``(1,)`` holding an integer below ``2**KEY_BITS``) and each element's flat index."""
+    index = torch.arange(rows.numel(), device=rows.device, dtype=torch.int64).view(rows.shape)
+    k = key.to(torch.int64) * 0x9E3779B1  # < 2^56
+    h = _mix32((index & _M32) ^ (k & _M32) ^ (((index >> 32) * 0x632BE5AB) & _M32))
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def _groups(features: int, group_size: int) -> int:
+    return -(-features // group_size)
+
+
+def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes and the per-group ``(lo, s)`` of ``x`` of shape ``(..., D)`` (NOTE [quantized weight gradient]).
+
+    Returns:
+        ``codes``: uint8 of shape ``(N, ceil(D / G) · G · bits / 8)``, ``N`` the number of tokens;
+        ``scales``: bfloat16 of shape ``(N, ceil(D / G), 2)``, ``lo`` and ``s`` of each group.
+
+    Example::
+
+        >>> x = torch.randn(4, 64)
+        >>> codes, scales = encode(x, key_for(0, "w", 0), bits=2, group_size=32, stochastic=True)
+        >>> codes.shape, codes.dtype, scales.shape
+        (torch.Size([4, 16]), torch.uint8, torch.Size([4, 2, 2]))
+    """
+    features = x.shape[-1]
+    n = _groups(features, group_size)
+    z = x.reshape(-1, features).float()
+    if n * group_size != features:
+        z = torch.nn.functional.pad(z, (0, n * group_size - features))
+    z = z.view(-1, n, group_size)
+    levels = 2**bits - 1
+    lo_f, hi = z.amin(-1), z.amax(-1)
+    lo = (lo_f - lo_f.abs() * _MARGIN).to(torch.bfloat16)  # rounded to at most lo_f
+    step = ((hi - lo.float()) * ((1.0 + _MARGIN) / levels)).to(torch.bfloat16)  # rounded to at least (hi - lo) / L
+    step_f = step.float()
+    inverse = torch.where(step_f > 0, 1.0 / step_f, torch.zeros_like(step_f))
+    t = (z - lo.float().unsqueeze(-1)) * inverse.unsqueeze(-1)
+    u = uniforms(key, t) if stochastic else 0.5
+    codes = torch.floor(t + u).clamp(0, levels).to(torch.int64).view(-1, n * group_size)
+    return _pack(codes, bits), torch.stack([lo, step], dim=-1)
+
+
+def decode(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, features: int,
+           dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``x̂`` of shape ``(N, features)`` in ``dtype`` from ``encode``'s output."""
+    n = scales.shape[-2]
+    c = _unpack(codes, bits).view(-1, n, group_size).to(torch.float32)
+    lo, step = scales.float().unbind(-1)
+    x_hat = (c * step.unsqueeze(-1) + lo.unsqueeze(-1)).view(-1, n * group_size)
+    if n * group_size != features:
+        x_hat = x_hat[:, :features]
+    return x_hat.to(dtype)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(N, M)`` int64 codes below ``2**bits`` as ``(N, M · bits / 8)`` uint8: eight codes in ``bits`` bytes."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    c = codes.view(-1, codes.shape[-1] // 8, 8)
+    word = c[..., 0]
+    for j in range(1, 8):
+        word = word | (c[..., j] << (bits * j))  # at most 32 bits
+    out = torch.stack([(word >> (8 * k)) & 0xFF for k in range(bits)], dim=-1)
+    return out.to(torch.uint8).view(-1, codes.shape[-1] * bits // 8)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of ``_pack``: ``(N, M)`` int64 codes."""
+    if bits == 8:
+        return packed.to(torch.int64)
+    b = packed.to(torch.int64).view(-1, packed.shape[-1] // bits, bits)
+    word = b[..., 0]
+    for k in range(1, bits):
+        word = word | (b[..., k] << (8 * k))
+    levels = 2**bits - 1
+    return torch.stack([(word >> (bits * j)) & levels for j in range(8)], dim=-1).view(-1, packed.shape[-1] * 8 // bits)
+
+
+def key_for(seed: int, name: str, step: int) -> torch.Tensor:
+    """The state input of step ``step`` of the weight ``name``: a float32 ``(1,)`` tensor holding a
+    ``KEY_BITS``-bit integer drawn from ``(seed, name, step)``; never 0 (all-zero state reads as uncalibrated)."""
+    return torch.tensor([float(1 + seed_for(seed, name, step) % (2**KEY_BITS - 1))], dtype=torch.float32)
+
+
+def kept_bytes(shape, bits: int, group_size: int) -> int:
+    """Bytes ``encode`` keeps for an input of ``shape`` (``(..., D)``): codes and scales."""
+    features = int(shape[-1]) if len(shape) else 1
+    tokens = math.prod(int(s) for s in shape) // features if features else 0
+    n = _groups(features, group_size)
+    return tokens * (n * group_size * bits // 8 + n * 2 * 2)
+
+
+class QuantizedEstimator(Estimator):
+    """``VeloraConfig(estimator=Quantized(bits, group_size, rounding))``: every coordinate at ``bits`` bits, one
+    bfloat16 low end and step per group (NOTE [quantized weight gradient]); unbiased under stochastic rounding.
+
+    State: the step's key (``(1,)``, saved as ``velora_fx.<weight>.key``), drawn anew from ``(seed, weight,
+    step)`` on every training step: the step counter is always kept, so a resumed run draws what the
+    uninterrupted one would. Weights reading one input share one key and one set of codes.
+    """
+
+    field = "key"
+    traced = True
+
+    @property
+    def settings(self):
+        return self.config.estimator
+
+    @property
+    def refresh_every(self) -> int:
+        return 1  # a new key every step
+
+    def basis_shape(self, features: int):
+        q = self.settings
+        return (q.group_size, q.bits), ""
+
+    def state_shape(self, basis_shape) -> tuple[int, ...]:
+        return (1,)
+
+    def initial(self, basis_shape, name: str):
+        return key_for(self.config.seed, name, 0), self._step()
+
+    def statistics(self, x: torch.Tensor, basis_shape):
+        return torch.zeros(1, dtype=torch.float64), 0
+
+    def calibrated(self, total, count, name, basis_shape):
+        return key_for(self.config.seed, name, 0)
+
+    def refreshed(self, basis, total, count, name, index):
+        return key_for(self.config.seed, name, index)
+
+    def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
+        q = self.settings
+        return encode(x, state, q.bits, q.group_size, q.rounding == "stochastic")
+
+    def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
+               dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        q = self.settings
+        return decode(saved[0], saved[1], q.bits, q.group_size, features, dtype)
+
+    def kept_bytes(self, shape, dtype, basis_shape) -> int:
+        q = self.settings
+        return kept_bytes(shape, q.bits, q.group_size)
+
+    def per_token(self, features: int, basis_shape) -> float:
+        return self.settings.bits_per_element
