@@ -1,0 +1,252 @@
+"""The quantized estimator (``velora_fx/quantized.py``): the codec's numbers (packing, the error bound of each
+rounding, unbiasedness, its own random numbers), and the estimator in both routes: ``dW`` equal to ``gᵀ x̂`` with the
+very draws of that step, everything else exact, the bytes it keeps measured, a resume bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import fx
+
+import velora_fx
+from velora_fx import Quantized, VeloraConfig
+from velora_fx import quantized as q
+
+from .backend_models import LlamaStack
+from .helpers import assert_close, capture_linears, grads, saved_bytes_step
+from .models import LlamaBlock
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+
+
+# -- the codec ---------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def inputs(draw, max_numel: int = 4096):
+    """An input ``(N, D)``, ``D`` not always a multiple of the group, in one of the float dtypes, with outliers."""
+    group = draw(st.sampled_from([8, 16, 32, 64]))
+    features = draw(st.integers(1, 160))
+    tokens = draw(st.integers(1, max(1, max_numel // features)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g, dtype=torch.float64) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    x = x + draw(st.sampled_from([0.0, -3.0, 10.0]))
+    if draw(st.booleans()):  # an outlier stretches its group's range
+        x[0, 0] = 100.0 * x.abs().max() + 1.0
+    return x.to(dtype), group
+
+
+@given(inputs(), st.sampled_from([1, 2, 3, 4, 8]), st.booleans())
+def test_codes_are_packed_and_within_one_step(data, bits, stochastic):
+    x, group = data
+    key = q.key_for(7, "w", 3)
+    codes, scales = q.encode(x, key, bits, group, stochastic)
+    n = -(-x.shape[-1] // group)
+    assert codes.dtype == torch.uint8 and codes.shape == (x.shape[0], n * group * bits // 8)
+    assert scales.dtype == torch.bfloat16 and scales.shape == (x.shape[0], n, 2)
+    assert codes.numel() + 2 * scales.numel() == q.kept_bytes(x.shape, bits, group)
+    x_hat = q.decode(codes, scales, bits, group, x.shape[-1], torch.float64)
+    step = scales[..., 1].double().repeat_interleave(group, dim=1)[:, : x.shape[-1]]
+    err = (x_hat - x.double()).abs()
+    bound = step if stochastic else step / 2
+    assert bool((err <= bound * (1 + 1e-5) + 1e-30).all()), float((err - bound).max())
+    lo = scales[..., 0].double().repeat_interleave(group, dim=1)[:, : x.shape[-1]]
+    assert bool((lo <= x.double()).all())  # the low end is rounded down: no code is ever clamped
+
+
+@given(st.integers(1, 200), st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2**20))
+def test_pack_and_unpack_are_inverse(rows, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, 64), generator=g)
+    packed = q._pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, 64 * bits // 8)
+    assert torch.equal(q._unpack(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not(bits):
+    """Averaged over ``M`` steps (keys), stochastic rounding's error shrinks like ``1/√M``; nearest's stays."""
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float() * 2 + 0.5
+    m = 300
+
+    def mean_estimate(stochastic):
+        total = torch.zeros_like(x, dtype=torch.float64)
+        for i in range(m):
+            codes, scales = q.encode(x, q.key_for(0, "w", i), bits, 32, stochastic)
+            total += q.decode(codes, scales, bits, 32, 96, torch.float64)
+        return total / m
+
+    one = q.encode(x, q.key_for(0, "w", 0), bits, 32, True)
+    rms = float((q.decode(*one, bits, 32, 96, torch.float64) - x).norm())
+    assert float((mean_estimate(True) - x).norm()) <= 4 * rms / math.sqrt(m)
+    nearest = q.encode(x, q.key_for(0, "w", 0), bits, 32, False)
+    biased = float((q.decode(*nearest, bits, 32, 96, torch.float64) - x).norm())
+    assert float((mean_estimate(False) - x).norm()) == pytest.approx(biased)  # the same every step
+
+
+def test_uniforms_are_uniform_keyed_and_leave_torchs_generators_alone():
+    rows = torch.empty(500, 400)
+    state = torch.random.get_rng_state()
+    u = q.uniforms(q.key_for(0, "w", 0), rows)
+    assert torch.equal(torch.random.get_rng_state(), state)  # dropout and data order are not disturbed
+    assert u.shape == rows.shape and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert torch.equal(u, q.uniforms(q.key_for(0, "w", 0), rows))  # reproducible
+    other = q.uniforms(q.key_for(0, "w", 1), rows)
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 0.01
+    assert q.key_for(0, "w", 0) != q.key_for(1, "w", 0) and q.key_for(0, "w", 0) != q.key_for(0, "v", 0)
+    assert all(0 < float(q.key_for(s, "w", i)) < 2**q.KEY_BITS for s in range(3) for i in range(50))
+
+
+# -- the config ----------------------------------------------------------------------------------------------------
+
+
+def test_config_round_trips_and_rejects_projection_settings():
+    cfg = VeloraConfig(estimator=Quantized(bits=3, group_size=64, rounding="nearest"), scale=0.5)
+    assert cfg.estimator_name == "quantized" and VeloraConfig.from_dict(cfg.to_dict()) == cfg
+    assert Quantized(bits=2, group_size=32).bits_per_element == 3.0
+    for bad in ({"bits": 5}, {"group_size": 12}, {"group_size": 0}, {"rounding": "down"}, {"bits": True}):
+        with pytest.raises(ValueError, match="Quantized"):
+            Quantized(**bad)
+    for bad in ({"rank": 8}, {"refresh_every": 10}, {"init": "random"}, {"sub_token_size": 4}):
+        with pytest.raises(ValueError, match="estimator=Quantized"):
+            VeloraConfig(estimator=Quantized(), **bad)
+    with pytest.raises(ValueError, match="Quantized"):
+        VeloraConfig.from_dict({"estimator": {"name": "other"}})
+
+
+# -- both routes: dW is gᵀ x̂ with the draws of its step; the rest is exact --------------------------------------
+
+
+def _formula(x, g, key, settings: Quantized, scale=1.0):
+    """``scale · gᵀ x̂`` with ``x̂ = decode(encode(x, key))`` in float64, the draws of ``key``."""
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).double()
+    codes, scales = q.encode(x2, key, settings.bits, settings.group_size, settings.rounding == "stochastic")
+    x_hat = q.decode(codes, scales, settings.bits, settings.group_size, x2.shape[-1], torch.float64)
+    return scale * g2.t() @ x_hat
+
+
+@pytest.fixture(scope="module")
+def compiled_stack():
+    """A 2-block LLaMA stack trained 3 steps by the backend (2-bit, groups of 16, scale 0.5) beside an untouched
+    copy under the default ``torch.compile``, the inputs and output gradients of every linear at the last step."""
+    torch.manual_seed(1)
+    settings = Quantized(bits=2, group_size=16)
+    cfg = VeloraConfig(estimator=settings, scale=0.5)
+    model = velora_fx.prepare(LlamaStack(blocks=2, dim=32, heads=2, hidden=48))
+    exact = copy.deepcopy(model)
+    compiled, compiled_exact = torch.compile(model, backend=velora_fx.make_backend(cfg)), torch.compile(exact)
+    steps = []
+    for step in range(3):
+        x = torch.randn(2, 8, 32) + 0.2 * step
+        for p in [*model.parameters(), *exact.parameters()]:
+            p.grad = None
+        loss, kept = saved_bytes_step(compiled, x)
+        loss_exact, kept_exact = saved_bytes_step(compiled_exact, x)
+        steps.append((loss, kept, loss_exact, kept_exact))
+    return dict(model=model, exact=exact, settings=settings, x=x, steps=steps, cfg=cfg)
+
+
+def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
+    run = compiled_stack
+    model, settings = run["model"], run["settings"]
+    eager = copy.deepcopy(run["exact"])
+    seen, _ = capture_linears(eager)
+    for p in eager.parameters():
+        p.grad = None
+    saved_bytes_step(eager, run["x"])
+    rep = velora_fx.report(model)
+    assert len(rep.compressed) == 12 and {r.estimator for r in rep.compressed} == {"quantized"}
+    assert all(r.per_token == settings.bits_per_element for r in rep.compressed)
+    projs, got = velora_fx.projections(model), grads(model)
+    for r in rep.compressed:
+        proj = projs[r.weight]
+        assert proj.steps == 3 and proj.basis.shape == (1,)
+        key = q.key_for(0, proj.root.weight, 2)  # the third step's draws: the key of re-seed 2
+        assert torch.equal(proj.basis, key)
+        module = r.weight[: -len(".weight")]
+        assert_close(got[r.weight].double(), _formula(seen[module]["x"], seen[module]["g"], key, settings, 0.5),
+                     r.weight)  # fmt: skip
+    exact = grads(run["exact"])
+    for name in ("layers.0.self_attn.o_proj.weight", "layers.1.input_layernorm.weight", "norm.weight"):
+        assert_close(got[name], exact[name], name)  # not compressed: what the default backend computes
+
+
+def test_compiled_keeps_fewer_bytes_and_the_same_loss(compiled_stack):
+    rep = velora_fx.report(compiled_stack["model"])
+    for loss, kept, loss_exact, kept_exact in compiled_stack["steps"][:1]:
+        torch.testing.assert_close(loss, loss_exact, rtol=1e-6, atol=0)  # the forward is untouched (same weights)
+        assert kept_exact - kept == rep.bytes_saved  # measured: what the plan says it saves, no more, no less
+    for r in rep.compressed:
+        if r.bytes_before:  # the first weight of a group counts the input
+            assert r.bytes_after == q.kept_bytes(r.input_shape, 2, 16) == r.bytes_before * (2 + 32 / 16) / 32
+
+
+def test_fx_route_dw_is_the_formula_and_matches_the_backend():
+    torch.manual_seed(2)
+    settings = Quantized(bits=3, group_size=8, rounding="stochastic")
+    block = LlamaBlock(dim=32, heads=2, hidden=48)
+    gm = velora_fx.transform(fx.symbolic_trace(copy.deepcopy(block)), VeloraConfig(estimator=settings))
+    eager = copy.deepcopy(block)
+    seen, _ = capture_linears(eager)
+    for step in range(2):
+        x = torch.randn(2, 8, 32)
+        for p in [*gm.parameters(), *eager.parameters()]:
+            p.grad = None
+        saved_bytes_step(gm, x)
+        saved_bytes_step(eager, x)
+    rep = velora_fx.report(gm)
+    assert len(rep.compressed) == 7 and all(r.per_token == 3 + 32 / 8 for r in rep.compressed)
+    got, exact, projs = grads(gm), grads(eager), velora_fx.projections(gm)
+    for r in rep.compressed:
+        module = r.weight[: -len(".weight")]
+        key = q.key_for(0, projs[r.weight].root.weight, 1)
+        assert_close(got[r.weight].double(), _formula(seen[module]["x"], seen[module]["g"], key, settings), r.weight)
+    for name in ("attn_norm.weight", "mlp_norm.weight"):
+        assert_close(got[name], exact[name], name)
+    state = gm.state_dict()
+    assert {k for k in state if k.startswith("velora_fx.")} == {
+        f"velora_fx.{r.weight}.{f}" for r in rep.compressed for f in ("key", "step")}
+
+
+def test_resume_is_bit_identical():
+    """Trained 2 steps, saved, loaded into a fresh prepared model: the third step's gradients are those of the
+    uninterrupted run (the step counter picks the same draws)."""
+    torch.manual_seed(3)
+    cfg = VeloraConfig(estimator=Quantized(bits=2))
+    base = LlamaStack(blocks=1, dim=64, heads=2, hidden=64)
+    batches = [torch.randn(2, 8, 64) for _ in range(3)]
+    backend = velora_fx.make_backend(cfg)
+
+    def train(model, xs):
+        compiled = torch.compile(model, backend=backend)
+        for x in xs:
+            for p in model.parameters():
+                p.grad = None
+            saved_bytes_step(compiled, x)
+        return grads(model)
+
+    straight = velora_fx.prepare(copy.deepcopy(base))
+    want = train(straight, batches)
+    first = velora_fx.prepare(copy.deepcopy(base))
+    train(first, batches[:2])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = velora_fx.prepare(copy.deepcopy(base))
+    resumed.load_state_dict(torch.load(buffer))
+    got = train(resumed, batches[2:])
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
