@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import velora_fx
-from velora_fx import VeloraConfig, ops
+from velora_fx import Quantized, VeloraConfig, ops, quantized
 from velora_fx.report import COMPRESSED, SKIPPED
 
 from .helpers import directions
@@ -79,6 +79,7 @@ class ArchSpec:
     autocast: bool
     dynamic: bool
     prepared: bool
+    quant: Optional[tuple[int, int]] = None  # (bits, group_size) of the quantized estimator; None: VeLoRA
 
 
 _DIMS = [6, 8, 12, 16, 20, 24, 32]
@@ -127,7 +128,8 @@ def arch_specs(draw) -> ArchSpec:
             lins = tuple(draw(lin_specs(width)) for _ in range(4))
             blocks.append(BlockSpec("attn", lins, residual=draw(st.booleans()), heads=heads, causal=draw(st.booleans())))
     return ArchSpec(dim, lead, tuple(blocks), groups, draw(st.sampled_from([1.0, 0.5])), draw(st.integers(0, 3)) == 0,
-                    draw(st.integers(0, 3)) == 0, draw(st.booleans()))  # fmt: skip
+                    draw(st.integers(0, 3)) == 0, draw(st.booleans()),
+                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8)])))  # fmt: skip
 
 
 # -- the module built from a spec --------------------------------------------------------------------------------
@@ -262,15 +264,21 @@ def _close(got, want, what, autocast: bool, loose: bool = False):
 
 
 def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autocast: bool,
-               compressed: list[bool]) -> torch.Tensor:  # fmt: skip
+               compressed: list[bool], quant: Optional[tuple[int, int]] = None) -> torch.Tensor:  # fmt: skip
     """``Σ_uses`` of ``scale · gᵀ x̂`` (a compressed use) or ``gᵀ x`` (a use left exact: a weight used twice may be
-    compressed at one use only), in the weight's own layout, ``x̂`` from ``ops.project`` / ``ops.reconstruct``."""
+    compressed at one use only), in the weight's own layout, ``x̂`` from ``ops.project`` / ``ops.reconstruct`` (the
+    quantized estimator: ``quantized.decode(quantized.encode(x, key))``, the draws of the key ``v``)."""
     total = 0
     for tap, squeezed in zip(taps, compressed, strict=True):
         x, g = tap["x"].double(), tap["g"].double()
         if autocast:
             x = tap["x"].to(torch.bfloat16).double()  # autocast runs the matmul on bf16 inputs
-        if squeezed:
+        if squeezed and quant is not None:
+            bits, group = quant
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            codes, scales = quantized.encode(x2, v, bits, group, True)
+            x = scale * quantized.decode(codes, scales, bits, group, x.shape[-1], torch.float64).reshape(x.shape)
+        elif squeezed:
             x = scale * ops.reconstruct(ops.project(x, v.double()), v.double(), x.shape[-1])
         if lin.kind == "bmm":
             total = total + torch.einsum("bnd,bno->bdo", x, g)
@@ -315,7 +323,8 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
     eager, default_model = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(*spec.lead, spec.dim)
     r = torch.randn(*spec.lead, model.out_width)
-    cfg = VeloraConfig(num_groups=spec.num_groups, scale=spec.scale)
+    cfg = (VeloraConfig(estimator=Quantized(*spec.quant), scale=spec.scale) if spec.quant else
+           VeloraConfig(num_groups=spec.num_groups, scale=spec.scale))  # fmt: skip
     if spec.prepared:
         velora_fx.prepare(model)
     compiled = torch.compile(model, backend=velora_fx.make_backend(cfg), dynamic=spec.dynamic or None)
@@ -358,9 +367,12 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
         if spec.autocast:
             xs = xs.to(torch.bfloat16)
         v = vs[weight]
-        assert v.shape == (cfg.sub_token_size_for(xs.shape[-1]),)
-        _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast, loose=True)
-        want_dw = _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast, statuses[weight])
+        if spec.quant:  # the key of the first step: an integer below 2**24, never 0
+            assert v.shape == (1,) and 0 < float(v) < 2**quantized.KEY_BITS and float(v) == int(v)
+        else:
+            assert v.shape == (cfg.sub_token_size_for(xs.shape[-1]),)
+            _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast, loose=True)
+        want_dw = _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast, statuses[weight], spec.quant)
         _close(got[weight], want_dw, weight, spec.autocast, loose=True)
 
 

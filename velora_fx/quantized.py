@@ -99,14 +99,24 @@ def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stoch
     z = z.view(-1, n, group_size)
     levels = 2**bits - 1
     lo_f, hi = z.amin(-1), z.amax(-1)
-    lo = (lo_f - lo_f.abs() * _MARGIN).to(torch.bfloat16)  # rounded to at most lo_f
-    step = ((hi - lo.float()) * ((1.0 + _MARGIN) / levels)).to(torch.bfloat16)  # rounded to at least (hi - lo) / L
-    step_f = step.float()
-    inverse = torch.where(step_f > 0, 1.0 / step_f, torch.zeros_like(step_f))
-    t = (z - lo.float().unsqueeze(-1)) * inverse.unsqueeze(-1)
+    lo = _round_to_bfloat16(lo_f - lo_f.abs() * _MARGIN)  # at most lo_f
+    step = _round_to_bfloat16((hi - lo) * ((1.0 + _MARGIN) / levels))  # at least (hi - lo) / L
+    inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    t = (z - lo.unsqueeze(-1)) * inverse.unsqueeze(-1)
     u = uniforms(key, t) if stochastic else 0.5
     codes = torch.floor(t + u).clamp(0, levels).to(torch.int64).view(-1, n * group_size)
-    return _pack(codes, bits), torch.stack([lo, step], dim=-1)
+    return _pack(codes, bits), torch.stack([lo, step], dim=-1).to(torch.bfloat16)  # exact: already bfloat16 values
+
+
+def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32, finite) rounded to the nearest bfloat16 value, ties to even, *as a float32 tensor*.
+
+    Not ``x.to(bfloat16).float()``: Inductor may fuse that round trip away (``emulate_precision_casts`` is off by
+    default), and then the codes would be computed against a low end and step other than those kept — a bias.
+    Integer ops on the bits are kept as written."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # add half an ulp of bfloat16 (ties to even), truncate
+    return bits.view(torch.float32)
 
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, features: int,
