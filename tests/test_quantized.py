@@ -250,3 +250,49 @@ def test_resume_is_bit_identical():
     got = train(resumed, batches[2:])
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_under_a_memory_budget_dw_is_still_the_formula():
+    """The budget makes the partitioner recompute more; the codes it keeps (or recomputes) are the same draws."""
+    torch.manual_seed(4)
+    settings = Quantized(bits=4, group_size=32)
+    model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96))
+    eager = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 16, 64)
+    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=settings, memory_budget=0.3)))
+    _, kept = saved_bytes_step(compiled, x)
+    _, kept_plain = saved_bytes_step(
+        torch.compile(plain, backend=velora_fx.make_backend(VeloraConfig(estimator=settings))), x)
+    seen, _ = capture_linears(eager)
+    saved_bytes_step(eager, x)
+    assert kept < kept_plain
+    got, projs = grads(model), velora_fx.projections(model)
+    for r in velora_fx.report(model).compressed:
+        module = r.weight[: -len(".weight")]
+        key = projs[r.weight].basis
+        assert_close(got[r.weight].double(), _formula(seen[module]["x"], seen[module]["g"], key, settings), r.weight)
+
+
+def test_under_bf16_autocast_the_bits_are_relative_to_bfloat16():
+    """FX route under CPU autocast: the codes are of the bfloat16 input the matmul reads; ``dW`` is ``gᵀ x̂`` in
+    bfloat16, ``x̂`` from those codes; the report says the input is bf16."""
+    torch.manual_seed(5)
+    settings = Quantized(bits=8, group_size=16)
+    block = LlamaBlock(dim=32, heads=2, hidden=48)
+    gm = velora_fx.transform(fx.symbolic_trace(copy.deepcopy(block)), VeloraConfig(estimator=settings))
+    eager = copy.deepcopy(block)
+    seen, _ = capture_linears(eager)
+    x = torch.randn(2, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved_bytes_step(gm, x)
+        saved_bytes_step(eager, x)
+    rep = velora_fx.report(gm)
+    assert {r.dtype for r in rep.compressed} == {"bfloat16"}
+    got, projs = grads(gm), velora_fx.projections(gm)
+    for r in rep.compressed:
+        module = r.weight[: -len(".weight")]
+        x_bf16 = seen[module]["x"].to(torch.bfloat16)
+        assert r.bytes_after == q.kept_bytes(r.input_shape, 8, 16) or r.bytes_after == 0
+        want = _formula(x_bf16, seen[module]["g"], projs[r.weight].basis, settings)
+        torch.testing.assert_close(got[r.weight].double(), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))

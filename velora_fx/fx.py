@@ -132,7 +132,7 @@ def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], w
     est = for_config(state.config)
     if (training or _forced_calibration) and site not in state.fx_inputs and not torch.compiler.is_compiling():
         kept = x.numel() * x.element_size() >= state.config.min_saved_bytes
-        state.fx_inputs[site] = (tuple(x.shape), x.dtype, _basis_shape(state.get(name), est), kept)
+        state.fx_inputs[site] = (tuple(x.shape), ops.compute_dtype(x), _basis_shape(state.get(name), est), kept)
     if p is None or not training:
         return _plain(x, weight, bias, weight_is_out_by_in)
     decode = _decoder(est, _basis_shape(state.get(name), est)) if est.traced else None
