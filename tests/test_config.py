@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from velora_fx import INIT_MODES, VeloraConfig
+from velora_fx import INIT_MODES, Quantized, VeloraConfig
 
 
 def test_defaults_are_the_papers():
@@ -22,7 +22,9 @@ def test_defaults_are_the_papers():
         ({"sub_token_size": -1}, "sub_token_size must be a positive int"),
         ({"init": "pca"}, "init must be one of"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
-        ({"scale": float("nan")}, "scale must be a finite number"),
+        ({"scale": float("nan")}, "scale must be a positive finite number"),
+        ({"scale": 0.0}, "scale must be a positive finite number.*exclude it"),
+        ({"scale": -1.0}, "scale must be a positive finite number.*reverse its updates"),
         ({"min_saved_bytes": -5}, "min_saved_bytes must be an int >= 0"),
         ({"include": [1]}, "include must hold glob patterns"),
         ({"exclude": 3}, "exclude must be a string or a sequence"),
@@ -73,11 +75,16 @@ configs = st.builds(
     init=st.sampled_from(INIT_MODES),
     ema_decay=st.floats(0, 0.999),
     seed=st.integers(0, 2**31),
-    scale=st.floats(-10, 10),
+    scale=st.floats(1e-6, 10),
     min_saved_bytes=st.integers(0, 2**40),
     include=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3).map(tuple),
     exclude=st.lists(st.text(max_size=8), max_size=3).map(tuple),
-) | st.builds(VeloraConfig, sub_token_size=st.integers(1, 512))
+) | st.builds(VeloraConfig, sub_token_size=st.integers(1, 512)) | st.builds(
+    VeloraConfig,
+    estimator=st.builds(Quantized, bits=st.sampled_from([1, 2, 3, 4, 8]), group_size=st.integers(1, 32).map(lambda k: 8 * k),
+                        rounding=st.sampled_from(["stochastic", "nearest"])),
+    seed=st.integers(0, 2**31),
+)
 
 
 @given(configs)

@@ -179,9 +179,13 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
     same projection (NOTE [one basis on every rank] in ``runtime.py``).
 
     Args:
-        config: what to compress and how; ``VeloraConfig()`` when omitted. A
-            different config is a different backend object, and Dynamo
-            compiles afresh for it.
+        config: what to compress and how; ``VeloraConfig()`` when omitted.
+            Equal configs get one backend object: Dynamo keys its compiled
+            code on the backend, so a backend built per model (30 models,
+            one config) reuses one compiled graph instead of recompiling
+            per model until Dynamo's recompile limit silently runs the rest
+            without velora_fx. A different config is a different backend,
+            and Dynamo compiles afresh for it.
 
     Returns:
         A callable to pass as ``torch.compile(..., backend=...)``.
@@ -193,8 +197,13 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
         >>> model(x).sum().backward()                                                             # doctest: +SKIP
         >>> print(velora_fx.report(model))                                                        # doctest: +SKIP
     """
-    return VeloraBackend(config)
+    config = VeloraConfig() if config is None else config
+    if not isinstance(config, VeloraConfig):
+        raise ValueError(f"velora_fx.make_backend: config must be a VeloraConfig, got {type(config).__name__}")
+    return _BACKENDS.setdefault(config, VeloraBackend(config))
 
+
+_BACKENDS: dict[VeloraConfig, "VeloraBackend"] = {}  # one backend per config (configs are few and small)
 
 #: ``torch.compile(model, backend=velora_fx.backend)``: the backend with ``VeloraConfig()`` defaults.
 backend = make_backend()

@@ -186,8 +186,14 @@ class VeloraConfig:
             raise ValueError(f"VeloraConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"VeloraConfig.seed must be an int, got {self.seed!r}")
-        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"VeloraConfig.scale must be a finite number, got {self.scale!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
+            math.isfinite(self.scale) and self.scale > 0
+        ):
+            raise ValueError(
+                f"VeloraConfig.scale must be a positive finite number (a factor on the approximate dW: 0 would "
+                f"freeze the weight, a negative one reverse its updates), got {self.scale!r}; to keep a weight exact, "
+                "exclude it (VeloraConfig(exclude=...))"
+            )
         if isinstance(self.min_saved_bytes, bool) or not isinstance(self.min_saved_bytes, int) or self.min_saved_bytes < 0:
             raise ValueError(f"VeloraConfig.min_saved_bytes must be an int >= 0, got {self.min_saved_bytes!r}")
         if self.memory_budget is not None:

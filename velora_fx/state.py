@@ -250,10 +250,14 @@ class ProjectionState(nn.Module):
     # -- state_dict, load_state_dict, .to() -------------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A weight sharing its leader's state is saved as a copy of it: safetensors (save_pretrained's default)
+        # refuses entries that share storage.
         for name, e in self._entries.items():
-            destination[f"{prefix}{name}.{e.field}"] = e.basis if keep_vars else e.basis.detach()
-            if e.step is not None:
-                destination[f"{prefix}{name}.step"] = e.step if keep_vars else e.step.detach()
+            shared = e.leader is not None
+            for field, value in ((e.field, e.basis), ("step", e.step)):
+                if value is not None:
+                    value = value if keep_vars else value.detach()
+                    destination[f"{prefix}{name}.{field}"] = value.clone() if shared else value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
@@ -281,6 +285,13 @@ class ProjectionState(nn.Module):
                 )
                 continue
             basis = value.detach().to(_STATE_DTYPE).clone()
+            if basis.device.type != "meta" and not bool(torch.isfinite(basis).all()):
+                error_msgs.append(
+                    f"velora_fx: {prefix}{weight}.{field} holds NaN or inf; a weight gradient formed from it would be "
+                    "non-finite. Load a checkpoint written by a healthy run, or drop the velora_fx entries from it "
+                    "(they are recalibrated on the first batch)."
+                )
+                continue
             step = None if step is None else step.detach().to(torch.int64).clone()
             if entry is None:
                 self.create(weight, field, basis, step)
@@ -302,10 +313,16 @@ class ProjectionState(nn.Module):
             )
 
     def _apply(self, fn, recurse=True):
-        # See NOTE [the state model]: the state follows the model's device, never its dtype.
+        # See NOTE [the state model]: the state follows the model's device, never its dtype. Out of the meta
+        # device (``to_empty``, the meta-device init of FSDP2 recipes) it starts afresh: uncalibrated, step 0 (a
+        # checkpoint loaded next restores it).
         device = fn(torch.zeros((), dtype=_STATE_DTYPE)).device
         for e in self._entries.values():
-            if e._basis.device != device:
+            if e._basis.device.type == "meta" and device.type != "meta":
+                e._basis = torch.zeros(e._basis.shape, dtype=_STATE_DTYPE, device=device)
+                e._step = None if e._step is None else torch.zeros((), dtype=torch.int64, device=device)
+                e._steps, e._calibrated = 0, False
+            elif e._basis.device != device:
                 e._apply_device(device)
         return self
 
