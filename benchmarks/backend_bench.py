@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import pathlib
@@ -56,7 +57,12 @@ def _batch(args) -> torch.Tensor:
 
 
 def config_for(which: str, groups: int):
-    """The ``VeloraConfig`` of a method (``None``: the default backend)."""
+    """The ``VeloraConfig`` of a method (``None``: the default backend); ``<method>-b<B>``: under memory budget ``B``
+    (``default-b<B>``: the budget alone, nothing compressed)."""
+    base, sep, budget = which.rpartition("-b")
+    if sep and base and budget.replace(".", "", 1).isdigit():
+        cfg = config_for(base, groups) or velora_fx.VeloraConfig(exclude=("*",))
+        return dataclasses.replace(cfg, memory_budget=float(budget))
     if which == "default":
         return None
     if which == "velora":
@@ -120,7 +126,7 @@ def _shape_args(args) -> list[str]:
 
 
 METHODS = ("default", "velora", "random", "principal", "principal_random", "prand-every1", "random-every1", "quant1", "quant2",
-           "quant3", "quant4", "quant8", "quant4-nearest", "quant2-g128")
+           "quant3", "quant4", "quant8", "quant4-nearest", "quant2-g128", "default-b0.3", "velora-b0.3", "quant2-b0.3")
 
 
 def main() -> None:

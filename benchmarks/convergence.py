@@ -27,6 +27,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "out" / "sweep"
 RESULTS = ROOT / "benchmarks" / "results" / "convergence"
@@ -165,12 +167,69 @@ LABELS = {
     "principal-r100": "`principal`, followed every 100 steps",
     "prand": "`principal_random` (16 + 16), fixed",
     "prand-r100": "`principal_random` (16 + 16), every 100 steps",
+    "quant1": "`Quantized(bits=1)`: every coordinate at 1 bit + scales (2 bits/element)",
+    "quant2": "`Quantized(bits=2)`: 2 bits + scales (3 bits/element)",
+    "quant3": "`Quantized(bits=3)`: 3 bits + scales (4 bits/element)",
+    "quant4": "`Quantized(bits=4)`: 4 bits + scales (5 bits/element)",
+    "quant4-nearest": "`Quantized(bits=4, rounding=\"nearest\")`",
+    "quant2-g128": "`Quantized(bits=2, group_size=128)` (2.25 bits/element)",
 }
+
+BYTES = RESULTS / "bytes.json"
+
+
+def measure_bytes(methods) -> dict:
+    """Bytes kept for backward by one training step of the study's model (measured: distinct storages packed by
+    ``saved_tensors_hooks``, parameters excluded), per method, in one process, side by side."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+    import pretrain_llama as pl
+
+    import velora_fx
+    from benchmarks.measure import saved_bytes
+
+    opts = dict(zip(MODEL_ARGS[::2], MODEL_ARGS[1::2]))
+
+    class Shape:  # the study's model and batch (MODEL_ARGS), seed 0
+        dim, layers, heads = int(opts["--dim"]), int(opts["--layers"]), int(opts["--heads"])
+        seq, batch, seed = int(opts["--seq"]), int(opts["--batch"]), 0
+
+    train, _ = pl.stdlib_corpus()
+    tokens = pl.batch_at(train, 0, Shape)
+    out = {}
+    for method in methods:
+        spec = dict(zip(METHODS[method][::2], METHODS[method][1::2]))
+        model = pl.make_model(Shape)
+        if spec["--route"] == "inductor":
+            compiled = torch.compile(model)
+        else:
+            cfg = velora_fx.VeloraConfig.from_dict(json.loads(spec["--config"])) if "--config" in spec else velora_fx.VeloraConfig()
+            compiled = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(cfg))
+        for _ in range(2):  # the second step: calibrated, what every later step keeps
+            nbytes, loss = saved_bytes(lambda: compiled(input_ids=tokens, labels=tokens).loss)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        out[method] = nbytes
+        print(f"{method}: {nbytes} bytes", flush=True)
+    return out
+
+
+def _bytes() -> dict:
+    """Measured bytes kept for backward per method (``convergence.py bytes``), if measured."""
+    return json.loads(BYTES.read_text()) if BYTES.exists() else {}
+
+
+def _kept(method: str, measured: dict) -> str:
+    """A method's bytes kept for backward as the READMEs show them: × exact training's and × VeLoRA's."""
+    if method not in measured or "exact" not in measured:
+        return "—"
+    out = f"{measured[method] / measured['exact']:.3f}×"
+    return out + (f" ({measured[method] / measured['velora']:.3f}× VeLoRA's)" if "velora" in measured and method != "exact" else "")
 
 
 def readme_table(summary: dict) -> str:
-    lines = ["| method | learning rates tried (seeds) | best lr on seed 0 | final val loss at that lr (seed 0 / 1) | gap to tuned exact (seed 0 / 1) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    measured = _bytes()
+    lines = ["| method | learning rates tried (seeds) | best lr on seed 0 | final val loss at that lr (seed 0 / 1) | gap to tuned exact (seed 0 / 1) | bytes kept for backward (× exact) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for method, m in summary.items():
         if method not in LABELS or not m["best_lr"]:
             continue
@@ -181,7 +240,8 @@ def readme_table(summary: dict) -> str:
             gap = _joined(m["gap"].values(), "+.3f")
             if len(m["gap"]) > 1:
                 gap += f" (mean **{m['gap_mean']:+.3f}**)"
-        lines.append(f"| {label} | {tried} | {m['best_lr']} ({_how(m)}) | {_joined(m['best'].values(), '.4f')} | {gap} |")
+        lines.append(f"| {label} | {tried} | {m['best_lr']} ({_how(m)}) | {_joined(m['best'].values(), '.4f')} | {gap} |"
+                     f" {_kept(method, measured)} |")
     return "\n".join(lines)
 
 
@@ -267,6 +327,32 @@ def plots(runs: dict, summary: dict) -> None:
     plt.close(fig)
 
 
+def plot_bytes(summary: dict) -> None:
+    """Bytes kept for backward (measured, whole model) against the gap to tuned exact, every method measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = _bytes()
+    if "exact" not in measured:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=90)
+    for i, (method, m) in enumerate((k, v) for k, v in summary.items() if k in measured and v.get("gap")):
+        x = measured[method] / measured["exact"]
+        for seed, gap in m["gap"].items():
+            ax.plot([x], [gap], "o" if seed == 0 else "s", color=plt.cm.tab20(i % 20), ms=6,
+                    label=method if seed == min(m["gap"]) else None)  # fmt: skip
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set(xlabel="bytes kept for backward, × exact training (measured, whole model)",
+           ylabel="gap to tuned exact (nats/byte)", title="Memory against quality, each at its best lr (o seed 0, □ seed 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "convergence_bytes.png")
+    plt.close(fig)
+
+
 def compact(runs: dict) -> None:
     """Every run's curves, thinned (every 10th training step, every validation) into the results directory."""
     for (method, lr, seed), recs in runs.items():
@@ -283,6 +369,8 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", default="0,1")
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--out", type=pathlib.Path, default=RUNS)
+    b = sub.add_parser("bytes", help="bytes kept for backward per method, measured on the study's model (one process)")
+    b.add_argument("--methods", default="exact,velora,random-r100,principal,prand-r100,quant1,quant2,quant3,quant4,quant2-g128")
     s = sub.add_parser("summary", help="table and plots from the runs found")
     s.add_argument("--dirs", nargs="+", default=[str(RESULTS), str(RUNS)])
     s.add_argument("--readmes", action="store_true", help="also rewrite the tables in README.md and benchmarks/README.md")
@@ -298,6 +386,14 @@ def main(argv=None) -> None:
             for line in pool.map(lambda j: run_one(*j, args.out), jobs):
                 print(line, flush=True)
         return
+    if args.cmd == "bytes":
+        measured = measure_bytes(args.methods.split(","))
+        known = json.loads(BYTES.read_text()) if BYTES.exists() else {}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        known.update(measured)
+        known["commit"] = commit.strip()
+        BYTES.write_text(json.dumps(known, indent=1))
+        return
     runs = collect([d for d in args.dirs if pathlib.Path(d).exists()])
     if not runs:
         raise SystemExit("no finished runs found")
@@ -306,10 +402,11 @@ def main(argv=None) -> None:
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1))
     print(table(summary))
     plots(runs, summary)
+    plot_bytes(summary)
     if args.readmes:
         for path in write_readmes(summary):
             print(f"rewrote the tables in {path.relative_to(ROOT)}")
-    print(f"\nwrote {RESULTS}/summary.json, convergence.png, convergence_lr.png, convergence_rank.png")
+    print(f"\nwrote {RESULTS}/summary.json, convergence.png, convergence_lr.png, convergence_rank.png, convergence_bytes.png")
 
 
 if __name__ == "__main__":

@@ -85,13 +85,18 @@ def velora_config_for(name: str, kind: str):
 
     ``velora-g{G}`` (VeLoRA, ``G`` groups), ``velora-g{G}-b{B}`` (under memory budget ``B``), ``velora-paper``,
     ``velora-random`` / ``velora-principal`` / ``velora-prand`` (the token-level estimators at 32 scalars per
-    token, refreshed every 100 steps where they refresh), ``lora-velora_fx`` (the defaults).
+    token, refreshed every 100 steps where they refresh), ``velora-q{bits}[-b{B}]`` (the quantized estimator, groups
+    of 32, optionally under memory budget ``B``), ``lora-velora_fx`` (the defaults).
     """
     import velora_fx
 
     if name.startswith("velora-g"):
         groups, _, budget = name[len("velora-g"):].partition("-b")
         return velora_fx.VeloraConfig(num_groups=int(groups), memory_budget=float(budget) if budget else None)
+    if name.startswith("velora-q"):  # the quantized estimator: velora-q{bits}[-b{budget}], groups of 32
+        bits, _, budget = name[len("velora-q"):].partition("-b")
+        return velora_fx.VeloraConfig(estimator=velora_fx.Quantized(bits=int(bits)),
+                                      memory_budget=float(budget) if budget else None)  # fmt: skip
     if name == "velora-paper":
         return velora_fx.VeloraConfig(num_groups=32, **PAPER_POLICY[kind])
     if name in ESTIMATOR_METHODS:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import velora_fx
-from velora_fx import VeloraConfig, ops
+from velora_fx import Quantized, VeloraConfig, ops
 from velora_fx.report import COMPRESSED
 
 from .helpers import directions
@@ -34,6 +34,7 @@ from .helpers import directions
 WORLD = 2
 CFG = VeloraConfig(num_groups=8)
 PR_CFG = VeloraConfig(estimator="principal_random", rank=6, refresh_every=2)
+Q_CFG = VeloraConfig(estimator=Quantized(bits=2, group_size=8))
 TIMEOUT_S = 240
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -166,6 +167,17 @@ def _worker(rank: int, port: int, out: str) -> None:
             xs = torch.randn(WORLD * 2, 5, 16, generator=g) + 0.5
             (compiled(xs.chunk(WORLD)[rank]) * r).sum().backward()
             result["pr_bases"].append(_v(model))
+        # the quantized estimator under DDP: every rank draws with the same keys, a new key every step
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = velora_fx.prepare(Net())
+        compiled = torch.compile(DDP(model), backend=velora_fx.make_backend(Q_CFG))
+        result["q_keys"] = []
+        for step in range(2):
+            xs = torch.randn(WORLD * 2, 5, 16, generator=torch.Generator().manual_seed(200 + step)) + 0.5
+            (compiled(xs.chunk(WORLD)[rank]) * r).sum().backward()
+            result["q_keys"].append(_v(model))
+        result["q_report"] = [(rec.weight, rec.status) for rec in velora_fx.report(model)]
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -333,3 +345,13 @@ def test_refreshed_token_estimator_bases_agree_on_every_rank(ranks):
         shape = tuple(basis.shape)
         want = est.calibrated(*est.statistics(x, shape), k, shape)
         _close(basis[:, :3], want[:, :3], k)  # the principal part (the random part is seeded: equal by construction)
+
+
+def test_quantized_draws_the_same_keys_on_every_rank(ranks):
+    _, results = ranks
+    keys = results[0]["q_keys"]
+    assert len(keys) == 2 and keys[0] and all(v.shape == (1,) for v in keys[0].values())
+    assert any(status == "compressed" for _, status in results[0]["q_report"])
+    for res in results[1:]:
+        assert all(torch.equal(res["q_keys"][s][k], keys[s][k]) for s in range(2) for k in keys[s])
+    assert not any(torch.equal(keys[0][k], keys[1][k]) for k in keys[0])  # a new key every step
