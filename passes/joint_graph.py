@@ -34,7 +34,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from velora_fx import _torch_internals as ti
 from velora_fx.codec import Estimator
-from velora_fx.config import Quantized, VeloraConfig
+from velora_fx.config import VeloraConfig
 from velora_fx.estimators import for_config
 from velora_fx.passes import contract, sites
 from velora_fx.passes.contract import GraphSpec, ParamSlot, PlannedSite, escape
@@ -574,7 +574,8 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, co
             x_hat = None  # rebuilt only for weight gradients that cannot be served from p directly
             for consumer, chain in sorted(consumers, key=lambda c: order[c[0]]):
                 reads = chain[-1] if chain else x
-                dw = None if codec.traced else _weight_grad_from_p(graph, consumer, reads, chain, x, p, basis, config.scale)
+                dw = None if codec.traced else _weight_grad_from_p(graph, consumer, reads, chain, x, p, basis,
+                                                                   config.scale)  # fmt: skip
                 if dw is not None:
                     dw.meta[META_KEY] = {"role": "weight_gradient", "weight_gradient": k}
                     consumer.replace_all_uses_with(dw)
@@ -628,9 +629,8 @@ def velora_joint_pass(graph: torch.fx.Graph, spec: GraphSpec, config: VeloraConf
 #: the site tables, the torch internals it goes through, the byte accounting of the report, and the estimators
 #: (a traced codec's code is inlined into the graph: editing it must miss the cache)
 _SOURCES = tuple(sys.modules[m].__file__ for m in (__name__, contract.__name__, sites.__name__, ti.__name__,
-                                                   kept_bytes.__module__, Estimator.__module__, for_config.__module__,
-                                                   type(for_config(VeloraConfig(estimator=Quantized()))).__module__,
-                                                   "velora_fx.ops"))
+                                                   kept_bytes.__module__, "velora_fx.codec", "velora_fx.estimators",
+                                                   "velora_fx.quantized", "velora_fx.ops"))
 
 
 class VeloraJointPass(ti.CustomGraphPass):
