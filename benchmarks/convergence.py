@@ -197,6 +197,7 @@ def measure_bytes(methods) -> dict:
     tokens = pl.batch_at(train, 0, Shape)
     out = {}
     for method in methods:
+        torch._dynamo.reset()  # each config is its own backend: a recompile per method would hit Dynamo's limit
         spec = dict(zip(METHODS[method][::2], METHODS[method][1::2]))
         model = pl.make_model(Shape)
         if spec["--route"] == "inductor":

@@ -126,7 +126,7 @@ class VeloraConfig:
         ema_decay: weight of the past for ``init="ema"``, in ``[0, 1)``.
         seed: seed of ``init="random"``.
         scale: factor on the approximate weight gradient only (``dx`` and
-            ``db`` stay exact). The paper uses 0.1 for LLaMA-7B + LoRA.
+            ``db`` stay exact), positive. The paper uses 0.1 for LLaMA-7B + LoRA.
         min_saved_bytes: inputs that would keep fewer bytes than this for
             backward stay exact.
         include: glob patterns on qualified parameter names (as in
@@ -135,6 +135,15 @@ class VeloraConfig:
             paper's value-and-down-projection policy.
         exclude: glob patterns; matching weights stay exact (wins over
             ``include``).
+        estimator: how an input is kept for ``dW``: one of ``ESTIMATORS`` (a
+            projection), or ``Quantized(bits, group_size, rounding)`` (every
+            coordinate at a few bits).
+        rank: scalars kept per token by the token-level projections
+            (default ``num_groups``: VeLoRA's bytes).
+        random_rank: how many of them are random (``principal_random``).
+        refresh_every: re-seed / follow / recalibrate a projection every so
+            many training steps (0: never).
+        refresh_decay: how much of the old principal basis a refresh keeps.
         memory_budget: the min-cut partitioner's activation memory budget
             (``torch._functorch.config.activation_memory_budget``) for the
             graphs this backend compiles, in ``(0, 1]``: the fraction of the
