@@ -130,6 +130,9 @@ METHODS = ("default", "velora", "random", "principal", "principal_random", "pran
 
 
 def main() -> None:
+    # every method compiles the same model class with its own backend: one recompile each, all kept alive for the
+    # interleaved timing; past Dynamo's limit (8) a method would silently run eagerly
+    torch._dynamo.config.recompile_limit = 64
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--dim", type=int, default=256)
