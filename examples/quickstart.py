@@ -4,8 +4,8 @@ Trains the same byte-level model (same seed, same batches of the Python standard
 
 * plain ``torch.compile`` (the baseline),
 * ``torch.compile(model, backend=velora_fx.backend)``: the paper's VeLoRA,
-* the recommended estimator (``RECOMMENDED``: an unbiased random projection, re-seeded every 100 steps), at
-  VeLoRA's bytes,
+* the recommended estimator (``RECOMMENDED``: every coordinate at 2 bits plus per-group scales, stochastic
+  rounding), at about VeLoRA's bytes,
 * VeLoRA with a memory budget (``make_backend(VeloraConfig(memory_budget=...))``: the partitioner recomputes
   more),
 
@@ -35,7 +35,7 @@ from tqdm import tqdm
 import velora_fx
 
 #: the estimator the README recommends to new users (benchmarks/README.md, "Convergence")
-RECOMMENDED = velora_fx.VeloraConfig(estimator="random", refresh_every=100)
+RECOMMENDED = velora_fx.VeloraConfig(estimator=velora_fx.Quantized(bits=2))
 
 
 class RMSNorm(nn.Module):
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     runs = {
         "torch.compile": lambda m: torch.compile(m),
         "velora_fx": lambda m: torch.compile(velora_fx.prepare(m), backend=velora_fx.backend),
-        "velora_fx, random": lambda m: torch.compile(velora_fx.prepare(m), backend=velora_fx.make_backend(RECOMMENDED)),
+        "velora_fx, 2-bit": lambda m: torch.compile(velora_fx.prepare(m), backend=velora_fx.make_backend(RECOMMENDED)),
         f"velora_fx, budget {args.budget:g}": lambda m: torch.compile(
             velora_fx.prepare(m), backend=velora_fx.make_backend(velora_fx.VeloraConfig(memory_budget=args.budget))
         ),

@@ -33,15 +33,16 @@ def test_the_rate_is_tuned_on_seed_0_and_seed_1_is_read_at_that_rate_only():
 def test_the_readme_tables_are_rewritten_between_their_markers(tmp_path):
     runs = _runs({
         ("exact", "5e-4", 0): 1.30, ("exact", "5e-4", 1): 1.32,
-        (cv.RECOMMENDED, "1e-3", 0): 1.36, (cv.RECOMMENDED, "1e-3", 1): 1.40,
-        (f"{cv.RECOMMENDED}-k64", "1e-3", 0): 1.35,
+        (cv.K_SWEEP, "1e-3", 0): 1.36, (cv.K_SWEEP, "1e-3", 1): 1.40,
+        (f"{cv.K_SWEEP}-k64", "1e-3", 0): 1.35, (cv.RECOMMENDED, "5e-4", 0): 1.305,
     })  # fmt: skip
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- table (x) -->\nold\n<!-- /table -->\nmiddle\n<!-- k-table (x) -->\nold\n<!-- /k-table -->\nend\n")
     assert cv.write_readmes(cv.summarise(runs), paths=[readme]) == [readme]
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
-    assert "| **`random`, re-seeded every 100 steps (recommended)** | 1e-3 (0,1) | 1e-3 (one rate) | 1.3600 / 1.4000 |" \
+    assert "| `random`, re-seeded every 100 steps | 1e-3 (0,1) | 1e-3 (one rate) | 1.3600 / 1.4000 |" \
         " +0.060 / +0.080 (mean **+0.070**) |" in text  # fmt: skip
+    assert "(recommended)** | 5e-4 (0) | 5e-4 (one rate) | 1.3050 | +0.005 |" in text
     assert "| 64 | 64/384 = 0.167 | 1e-3 (one rate) | 1.3500 | +0.050 |" in text
     assert cv.write_readmes(cv.summarise(runs), paths=[readme]) == []  # nothing changes twice

@@ -22,7 +22,7 @@ def test_quickstart_prints_the_four_runs_and_the_report(capsys):
     pytest.importorskip("tqdm")
     _load("quickstart").main(["--steps", "3", "--batch", "2", "--seq", "16", "--dim", "32", "--budget", "0.5"])
     out = capsys.readouterr().out
-    for row in ("torch.compile", "velora_fx ", "velora_fx, random", "velora_fx, budget 0.5"):
+    for row in ("torch.compile", "velora_fx ", "velora_fx, 2-bit", "velora_fx, budget 0.5"):
         assert row in out, out
     assert "sites compressed" in out and "kept for backward per step, all graphs" in out
     assert max(len(line) for line in out.splitlines()) <= 100  # a 100-column terminal
