@@ -117,7 +117,7 @@ def test_config_round_trips_and_rejects_projection_settings():
     cfg = VeloraConfig(estimator=Quantized(bits=3, group_size=64, rounding="nearest"), scale=0.5)
     assert cfg.estimator_name == "quantized" and VeloraConfig.from_dict(cfg.to_dict()) == cfg
     assert Quantized(bits=2, group_size=32).bits_per_element == 3.0
-    for bad in ({"bits": 5}, {"group_size": 12}, {"group_size": 0}, {"rounding": "down"}, {"bits": True}):
+    for bad in ({"bits": 5}, {"group_size": 12}, {"group_size": 0}, {"rounding": "down"}, {"bits": True}, {"bits": 2.0}):
         with pytest.raises(ValueError, match="Quantized"):
             Quantized(**bad)
     for bad in ({"rank": 8}, {"refresh_every": 10}, {"init": "random"}, {"sub_token_size": 4}):

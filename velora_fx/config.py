@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 __all__ = ["VeloraConfig", "Quantized", "INIT_MODES", "ESTIMATORS"]
 
@@ -72,7 +72,7 @@ class Quantized:
     name = "quantized"
 
     def __post_init__(self) -> None:
-        if self.bits not in _BITS or isinstance(self.bits, bool):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
             raise ValueError(f"Quantized.bits must be one of {_BITS}, got {self.bits!r}")
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, int) or gs < 8 or gs % 8:
@@ -171,7 +171,7 @@ class VeloraConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = field(default_factory=tuple)
     memory_budget: Optional[float] = None
-    estimator: Any = "velora"
+    estimator: Union[str, Quantized] = "velora"
     rank: Optional[int] = None
     random_rank: Optional[int] = None
     refresh_every: int = 0
