@@ -8,6 +8,9 @@ model code::
     model = torch.compile(model, backend=velora_fx.backend)            # the compile backend
     gm = velora_fx.transform(torch.fx.symbolic_trace(model))           # or the FX route, for eager training
     print(velora_fx.report(model))
+
+Other estimators by config: the token-level projections (``VeloraConfig(estimator="random", ...)``) and every
+coordinate at a few bits (``VeloraConfig(estimator=velora_fx.Quantized(bits=2))``).
 """
 
 from .config import INIT_MODES, Quantized, VeloraConfig
