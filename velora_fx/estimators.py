@@ -31,6 +31,7 @@ activations' is.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -225,8 +226,10 @@ class PrincipalRandom(Principal):
         return self._with_residual(u, tuple(basis.shape), name, index)
 
 
+@functools.lru_cache(maxsize=64)
 def for_config(config: VeloraConfig) -> Estimator:
-    """The estimator a config asks for."""
+    """The estimator a config asks for (one object per config: the FX route asks on every call of a site, and an
+    estimator is stateless given its config)."""
     if isinstance(config.estimator, Quantized):
         return QuantizedEstimator(config)
     return {"velora": Velora, "random": RandomProjection, "principal": Principal,
