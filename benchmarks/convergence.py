@@ -25,6 +25,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -70,16 +71,25 @@ K_SWEEP = "random-r100"
 TUNING_SEED = 0
 
 
-def run_one(method: str, lr: str, seed: int, out: pathlib.Path) -> str:
+def run_one(method: str, lr: str, seed: int, out: pathlib.Path, extra=(), done_dirs=None, deadline=None) -> str:
+    """One run of ``pretrain_llama.py`` logged to ``out``; skipped when a finished log is in ``done_dirs``.
+
+    ``done_dirs`` defaults to ``out`` and the committed results (a clean clone runs what is missing); ``deadline``
+    (``time.monotonic()`` value) stops a run still going then, keeping its partial log.
+    """
     log = out / f"{method}_lr{lr}_seed{seed}.jsonl"
-    for done_before in (log, RESULTS / log.name):  # the committed results count: a clean clone runs what is missing
+    for done_before in (d / log.name for d in (done_dirs or (log.parent, RESULTS))):
         if done_before.exists() and _final(done_before) is not None:
             return f"{log.name}: done before ({done_before.parent.name})"
     log.unlink(missing_ok=True)
     cmd = [sys.executable, str(ROOT / "examples" / "pretrain_llama.py"), *MODEL_ARGS, *METHODS[method],
-           "--lr", lr, "--seed", str(seed), "--quiet", "--log", str(log)]  # fmt: skip
+           "--lr", lr, "--seed", str(seed), "--quiet", "--log", str(log), *extra]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{log.name}: stopped at the deadline"
     return f"{log.name}: rc={done.returncode} {done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]}"
 
 
@@ -373,6 +383,9 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", default="0,1")
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--out", type=pathlib.Path, default=RUNS)
+    r.add_argument("--device", default="cpu", help="another device is another study: only --out counts as done before")
+    r.add_argument("--corpus", type=pathlib.Path, default=None, help="pretrain_llama's --corpus (the same bytes elsewhere)")
+    r.add_argument("--deadline", type=float, default=None, help="stop every run still going after this many seconds")
     b = sub.add_parser("bytes", help="bytes kept for backward per method, measured on the study's model (one process)")
     b.add_argument("--methods", default="exact,velora,random-r100,principal,prand-r100,quant1,quant2,quant3,quant4,quant2-g128")
     s = sub.add_parser("summary", help="table and plots from the runs found")
@@ -386,8 +399,11 @@ def main(argv=None) -> None:
         unknown = {m for m, _, _ in jobs} - set(METHODS)
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
+        extra = ["--device", args.device] + (["--corpus", str(args.corpus)] if args.corpus else [])
+        done_dirs = (args.out,) if args.device != "cpu" else None
+        deadline = None if args.deadline is None else time.monotonic() + args.deadline
         with ThreadPoolExecutor(args.jobs) as pool:
-            for line in pool.map(lambda j: run_one(*j, args.out), jobs):
+            for line in pool.map(lambda j: run_one(*j, args.out, extra, done_dirs, deadline), jobs):
                 print(line, flush=True)
         return
     if args.cmd == "bytes":

@@ -207,6 +207,16 @@ def measure_shape(kind: str, shape: dict, methods: list[str], args) -> list[dict
     return rows
 
 
+def commit() -> str:
+    """The commit measured: ``$VELORA_COMMIT`` (a copied tree has no ``.git``), else ``git rev-parse``."""
+    import subprocess
+
+    if os.environ.get("VELORA_COMMIT"):
+        return os.environ["VELORA_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -292,6 +302,7 @@ def main(argv=None) -> int:
                 rows += measure_shape(kind, shape, methods, args)
     elapsed = time.perf_counter() - started
     meta = {
+        "commit": commit(),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -61,6 +61,8 @@ FULL_METHODS = [
     "velora-g32-b0.5", "velora-g32-b0.3", "velora-g32-b0.2", "velora-random", "velora-principal", "velora-prand",
     "ckpt-eager", "ckpt-compile", "budget-0.5", "budget-0.3", "budget-0.2", "exact-b0.5", "exact-b0.3", "exact-b0.2",
 ]  # fmt: skip
+#: the quantized estimator (groups of 32), alone and under the memory budget beside VeLoRA's and plain compile's
+QUANT_METHODS = ["velora-q2", "velora-q3", "velora-q4", "velora-q2-b0.3"]
 LORA_METHODS = ["lora-eager", "lora-compile", "lora-peft-velora", "lora-peft-velora-compile", "lora-velora_fx"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -110,7 +112,7 @@ def velora_config_for(name: str, kind: str):
 
 
 def methods_for(model: str) -> list[str]:
-    return FULL_METHODS + (LORA_METHODS if model == "llama" else [])
+    return FULL_METHODS + QUANT_METHODS + (LORA_METHODS if model == "llama" else [])
 
 
 def reference_for(method: str) -> str:

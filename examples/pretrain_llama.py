@@ -34,8 +34,14 @@ import velora_fx
 log = logging.getLogger("pretrain_llama")
 
 
-def stdlib_corpus(val_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) byte tensors from the standard library's ``.py`` files, split by file."""
+def stdlib_corpus(val_fraction: float = 0.05, saved: pathlib.Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) byte tensors from the standard library's ``.py`` files, split by file.
+
+    ``saved``: a file written by ``--save-corpus`` (the same bytes on a machine whose Python differs).
+    """
+    if saved is not None:
+        train, val = torch.load(saved)
+        return train.long(), val.long()
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
     val_every = max(1, round(1 / val_fraction))
@@ -75,7 +81,8 @@ def batch_at(data: torch.Tensor, step: int, args) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, val: torch.Tensor, args) -> float:
     model.eval()
-    losses = [model(input_ids=(b := batch_at(val, -1 - i, args)), labels=b).loss.item() for i in range(args.eval_batches)]
+    batches = (batch_at(val, -1 - i, args).to(args.device) for i in range(args.eval_batches))
+    losses = [model(input_ids=b, labels=b).loss.item() for b in batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -103,11 +110,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--resume", action="store_true", help="continue from --ckpt")
     parser.add_argument("--log", type=pathlib.Path, default=None, help="append JSON lines of the curves here")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--corpus", type=pathlib.Path, default=None,
+                        help="read the text from this file (written by --save-corpus) instead of this Python's stdlib")
+    parser.add_argument("--save-corpus", type=pathlib.Path, default=None, help="write the text to this file and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    train, val = stdlib_corpus()
-    model = make_model(args)
+    train, val = stdlib_corpus(saved=args.corpus)
+    if args.save_corpus:
+        torch.save((train.to(torch.uint8), val.to(torch.uint8)), args.save_corpus)
+        return {"saved": str(args.save_corpus), "train_bytes": len(train), "val_bytes": len(val)}
+    model = make_model(args).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
@@ -130,7 +144,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=args.quiet, desc=args.route)
     for step in bar:
-        tokens = batch_at(train, step, args)
+        tokens = batch_at(train, step, args).to(args.device)
         loss = step_model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

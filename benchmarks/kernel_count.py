@@ -1,6 +1,7 @@
 """How many kernels Inductor generates for one training step of one LLaMA block, per method.
 
-    python benchmarks/kernels.py        # ~1 min on CPU (C++ kernels; Triton kernels on a GPU)
+    python benchmarks/kernel_count.py                                   # ~1 min on CPU (C++ kernels)
+    python benchmarks/kernel_count.py --device cuda --dump /tmp/kernels # Triton kernels; each method's source kept
 
 One block (hidden 64, FFN 96, SDPA): three compressed inputs (q/k/v's, gate/up's, down's; ``o_proj``'s input is
 kept for attention anyway). Counts the kernels in the generated source of the forward and backward graphs.
@@ -8,6 +9,7 @@ kept for attention anyway). Counts the kernels in the generated source of the fo
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -26,18 +28,25 @@ METHODS = {
 }
 
 
-def kernels(config) -> int:
+def kernels(config, device: str = "cpu", dump: Path | None = None, name: str = "") -> int:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96))
+    model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96)).to(device)
     compiled = torch.compile(model, backend=velora_fx.make_backend(config)) if config else torch.compile(model)
-    x = torch.randn(2, 16, 64)
+    x = torch.randn(2, 16, 64, device=device)
     sources = ti.generated_code(lambda: compiled(x).pow(2).mean().backward())
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{name}.py").write_text("\n\n# ---- next graph ----\n\n".join(sources))
     return sum(len(re.findall(r"cpp_fused_\w+ = async_compile|def triton_\w+\(", src)) for src in sources)
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dump", type=Path, default=None, help="write each method's generated source here")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    counts = {name: kernels(cfg) for name, cfg in METHODS.items()}
+    counts = {name: kernels(cfg, args.device, args.dump, name) for name, cfg in METHODS.items()}
     for name, n in counts.items():
-        print(f"{name}: {n} kernels ({n - counts['default']:+d} vs default; 3 compressed inputs)")
+        print(f"{name}: {n} kernels ({n - counts['default']:+d} vs default; 3 compressed inputs) on {args.device}")
