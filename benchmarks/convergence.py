@@ -367,11 +367,11 @@ def plot_bytes(summary: dict) -> None:
     plt.close(fig)
 
 
-def compact(runs: dict) -> None:
+def compact(runs: dict, results: pathlib.Path = RESULTS) -> None:
     """Every run's curves, thinned (every 10th training step, every validation) into the results directory."""
     for (method, lr, seed), recs in runs.items():
         keep = [r for r in recs if "val_loss" in r or r["step"] % 10 == 0]
-        (RESULTS / f"{method}_lr{lr}_seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+        (results / f"{method}_lr{lr}_seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def main(argv=None) -> None:
@@ -391,6 +391,9 @@ def main(argv=None) -> None:
     s = sub.add_parser("summary", help="table and plots from the runs found")
     s.add_argument("--dirs", nargs="+", default=[str(RESULTS), str(RUNS)])
     s.add_argument("--readmes", action="store_true", help="also rewrite the tables in README.md and benchmarks/README.md")
+    s.add_argument("--results", type=pathlib.Path, default=None,
+                   help="another study (e.g. the runs of `run --device cuda`): its table and summary.json go here, "
+                        "the plots and READMEs are left alone")  # fmt: skip
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.cmd == "run":
@@ -417,8 +420,15 @@ def main(argv=None) -> None:
     runs = collect([d for d in args.dirs if pathlib.Path(d).exists()])
     if not runs:
         raise SystemExit("no finished runs found")
-    compact(runs)
     summary = summarise(runs)
+    if args.results is not None:
+        args.results.mkdir(parents=True, exist_ok=True)
+        compact(runs, args.results)
+        (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(table(summary))
+        print(f"\nwrote {args.results}/summary.json")
+        return
+    compact(runs)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1))
     print(table(summary))
     plots(runs, summary)
