@@ -57,7 +57,11 @@ class VeloraBackend:
         unknown = set(kwargs) - {"mode", "options"}
         if unknown:
             raise ValueError(f"velora_fx backend: unexpected arguments {sorted(unknown)}; it takes mode= and options=")
-        patches = ti.mode_config_patches(kwargs.get("mode"), kwargs.get("options"))
+        options = dict(kwargs.get("options") or {})
+        named = options.pop(OPTIONS_KEY, None)
+        if named is not None:  # torch.compile(model, backend="velora_fx", options={"velora_fx": {...}, ...})
+            return make_backend(_config_from_options(named))(gm, example_inputs, mode=kwargs.get("mode"), options=options)
+        patches = ti.mode_config_patches(kwargs.get("mode"), options or None)
         params = dynamo_graph.trainable_parameters(gm) if torch.is_grad_enabled() else []
         config = self.config
         if not params:  # no joint graph will be built: exactly what the default backend does (the budget aside)
@@ -190,6 +194,13 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
     Returns:
         A callable to pass as ``torch.compile(..., backend=...)``.
 
+    By name: installing velora_fx registers ``velora_fx.backend`` as the
+    Dynamo backend ``"velora_fx"`` (entry point group
+    ``torch_dynamo_backends``), and a config travels in ``options=`` under
+    the key ``"velora_fx"`` (a ``VeloraConfig`` or its ``to_dict()``; the
+    other keys stay Inductor's): ``torch.compile(model, backend="velora_fx",
+    options={"velora_fx": {"estimator": {"name": "quantized", "bits": 2}}})``.
+
     Example::
 
         >>> cfg = velora_fx.VeloraConfig(num_groups=32, include=("*.down_proj.weight",))
@@ -201,6 +212,22 @@ def make_backend(config: Optional[VeloraConfig] = None) -> VeloraBackend:
     if not isinstance(config, VeloraConfig):
         raise ValueError(f"velora_fx.make_backend: config must be a VeloraConfig, got {type(config).__name__}")
     return _BACKENDS.setdefault(config, VeloraBackend(config))
+
+
+#: The key of ``torch.compile(..., options=)`` that holds velora_fx's config; the other keys are Inductor's.
+OPTIONS_KEY = "velora_fx"
+
+
+def _config_from_options(value: Any) -> VeloraConfig:
+    if isinstance(value, VeloraConfig):
+        return value
+    if isinstance(value, dict):
+        return VeloraConfig.from_dict(value)
+    raise TypeError(
+        f"velora_fx backend: options[{OPTIONS_KEY!r}] must be a VeloraConfig or its to_dict(), got "
+        f"{type(value).__name__}; e.g. torch.compile(model, backend=\"velora_fx\", "
+        f"options={{{OPTIONS_KEY!r}: {{\"estimator\": {{\"name\": \"quantized\", \"bits\": 2}}}}}})"
+    )
 
 
 _BACKENDS: dict[VeloraConfig, "VeloraBackend"] = {}  # one backend per config (configs are few and small)
