@@ -37,6 +37,22 @@ def saved_bytes_step(fn, *inputs, loss_fn=lambda out: out.float().pow(2).mean())
     return loss.detach(), sum(storages.values())
 
 
+def kept_bytes(fn, *inputs) -> int:
+    """Bytes of the distinct non-parameter storages the compiled graph keeps for backward (``sum()`` keeps nothing
+    itself): what ``velora_fx.report(model).saved_bytes`` counts."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(*inputs).sum()
+    loss.backward()
+    return sum(storages.values())
+
+
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each parameter's gradient, by name (``torch.compile``'s ``_orig_mod`` segments left out, as velora_fx does)."""
     model = getattr(model, "_orig_mod", model)

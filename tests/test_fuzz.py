@@ -10,10 +10,12 @@ may not divide ``num_groups``; fp32 or bf16 autocast; static or dynamic shapes. 
 gradient, the same gradient for every parameter that is not compressed (under bf16 autocast: against the default
 ``torch.compile``, whose rounding it shares), and for every compressed weight the VeLoRA
 formula ``scale · Σ_uses gᵀ x̂`` from the ``X`` / ``g`` of each use, with ``v`` the calibrated mean direction of all
-its inputs. Every trainable weight is reported; at least 80 % of the examples compress something (asserted over the
+its inputs. Half the models are ``nn.Sequential`` (``prepare`` must leave their children as they were); a prepared
+model that compressed something is saved and loaded through safetensors mid-training, and the next step of the
+loaded copy must equal the original's bit for bit. Every trainable weight is reported; at least 80 % of the examples compress something (asserted over the
 run by the last test of this file).
 
-Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of examples (CI: 20, under 2 minutes on 2 cores);
+Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of examples (CI: 12);
 ``VELORA_FX_FUZZ_EXAMPLES=1000`` is the on-demand run (README.md gives the command and what it found).
 """
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from hypothesis import Phase, example, given, note, settings
@@ -39,7 +42,7 @@ from velora_fx.report import COMPRESSED, SKIPPED
 
 from .helpers import directions
 
-MAX_EXAMPLES = int(os.environ.get("VELORA_FX_FUZZ_EXAMPLES", "20"))
+MAX_EXAMPLES = int(os.environ.get("VELORA_FX_FUZZ_EXAMPLES", "12"))
 ACTS = {"none": lambda x: x, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 KINDS = ("module", "functional", "matmul", "matmul_t", "addmm", "bmm")
 
@@ -80,6 +83,7 @@ class ArchSpec:
     dynamic: bool
     prepared: bool
     quant: Optional[tuple[int, int]] = None  # (bits, group_size) of the quantized estimator; None: VeLoRA
+    sequential: bool = False  # the blocks in an nn.Sequential (prepare must leave it as it was) or a ModuleList
 
 
 _DIMS = [6, 8, 12, 16, 20, 24, 32]
@@ -129,7 +133,7 @@ def arch_specs(draw) -> ArchSpec:
             blocks.append(BlockSpec("attn", lins, residual=draw(st.booleans()), heads=heads, causal=draw(st.booleans())))
     return ArchSpec(dim, lead, tuple(blocks), groups, draw(st.sampled_from([1.0, 0.5])), draw(st.integers(0, 3)) == 0,
                     draw(st.integers(0, 3)) == 0, draw(st.booleans()),
-                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8)])))  # fmt: skip
+                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8)])), draw(st.booleans()))  # fmt: skip
 
 
 # -- the module built from a spec --------------------------------------------------------------------------------
@@ -223,21 +227,35 @@ class Block(nn.Module):
         return x + y if s.residual else y
 
 
+def _blocks(spec: ArchSpec) -> tuple[list[Block], int]:
+    blocks, width = [], spec.dim
+    for b in spec.blocks:
+        blocks.append(Block(b, width))
+        if b.kind in ("linear", "fanout"):
+            width = b.lins[0].out
+    return blocks, width
+
+
 class FuzzNet(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
-        blocks, width = [], spec.dim
-        for b in spec.blocks:
-            blocks.append(Block(b, width))
-            if b.kind in ("linear", "fanout"):
-                width = b.lins[0].out
+        blocks, self.out_width = _blocks(spec)
         self.blocks = nn.ModuleList(blocks)
-        self.out_width = width
 
     def forward(self, x):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+def build(spec: ArchSpec) -> nn.Module:
+    """The model of ``spec``: a ``FuzzNet``, or the same blocks as an ``nn.Sequential``."""
+    if not spec.sequential:
+        return FuzzNet(spec)
+    blocks, width = _blocks(spec)
+    model = nn.Sequential(*blocks)
+    model.out_width = width
+    return model
 
 
 # -- the oracle ----------------------------------------------------------------------------------------------------
@@ -319,14 +337,17 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
     note(repr(spec))
     torch._dynamo.reset()  # every example is a new model: no recompile limit, no stale dynamic shapes
     torch.manual_seed(seed)
-    model = FuzzNet(spec)
+    model = build(spec)
+    fresh = copy.deepcopy(model)  # for the save/load round trip below
     eager, default_model = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(*spec.lead, spec.dim)
     r = torch.randn(*spec.lead, model.out_width)
     cfg = (VeloraConfig(estimator=Quantized(*spec.quant), scale=spec.scale) if spec.quant else
            VeloraConfig(num_groups=spec.num_groups, scale=spec.scale))  # fmt: skip
     if spec.prepared:
+        children = list(model.children())
         velora_fx.prepare(model)
+        assert list(model.children()) == children, "prepare leaves the model's shape alone"
     compiled = torch.compile(model, backend=velora_fx.make_backend(cfg), dynamic=spec.dynamic or None)
     out, dx, got = _step(compiled, x, r, spec.autocast)
 
@@ -374,6 +395,17 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
             _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast, loose=True)
         want_dw = _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast, statuses[weight], spec.quant)
         _close(got[weight], want_dw, weight, spec.autocast, loose=True)
+
+    if spec.prepared and compressed:  # a safetensors round trip mid-training: the next step is the same, bit for bit
+        velora_fx.prepare(fresh).load_state_dict(safetensors.torch.load(safetensors.torch.save(model.state_dict())))
+        for m in (model, fresh):
+            for p in m.parameters():
+                p.grad = None
+        x2 = torch.randn(*spec.lead, spec.dim)
+        _, _, after = _step(compiled, x2, r, spec.autocast)
+        _, _, resumed = _step(torch.compile(fresh, backend=velora_fx.make_backend(cfg), dynamic=spec.dynamic or None),
+                              x2, r, spec.autocast)  # fmt: skip
+        assert after.keys() == resumed.keys() and all(torch.equal(after[n], resumed[n]) for n in after)
 
 
 def test_most_examples_compress_and_every_site_kind_is_compressed():

@@ -22,24 +22,9 @@ from velora_fx.passes import joint_graph as jg
 from velora_fx.passes.contract import GraphSpec
 
 from .backend_models import LlamaStack
-from .helpers import Run, saved_bytes_step
+from .helpers import Run, kept_bytes, saved_bytes_step
 
 BUDGETS = (None, 0.5, 0.2)
-
-
-def _kept(fn, x) -> int:
-    """Bytes of the distinct non-parameter storages the compiled graph keeps (``sum()`` keeps nothing itself)."""
-    storages = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn(x).sum()
-    loss.backward()
-    return sum(storages.values())
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +39,12 @@ def runs():
         for budget in BUDGETS:
             model = velora_fx.prepare(copy.deepcopy(base))
             compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8, memory_budget=budget)))
-            _kept(compiled, x)  # compile, calibrate
+            kept_bytes(compiled, x)  # compile, calibrate
             flag_after = torch._functorch.config.activation_memory_budget
-            out[budget] = Run(model=model, kept=_kept(compiled, x), report=velora_fx.report(model), flag=flag_after)
+            out[budget] = Run(model=model, kept=kept_bytes(compiled, x), report=velora_fx.report(model), flag=flag_after)
         plain = torch.compile(copy.deepcopy(base))
-        _kept(plain, x)
-        out["default"] = Run(kept=_kept(plain, x))
+        kept_bytes(plain, x)
+        out["default"] = Run(kept=kept_bytes(plain, x))
     return out
 
 
