@@ -38,7 +38,7 @@ from velora_fx.config import VeloraConfig
 from velora_fx.estimators import for_config
 from velora_fx.passes.sites import META_KEY, is_transpose_2d, torch_site
 from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord, kept_bytes
-from velora_fx.state import CONTAINER, ProjectionState
+from velora_fx.state import CONTAINER, ProjectionState, check_estimator
 
 __all__ = ["Site", "plan", "apply", "velora_linear_pass", "records", "GRAPH_NAME"]
 
@@ -248,13 +248,15 @@ def _ensure_projection(state: ProjectionState, site: Site, leader: str, estimato
             basis, step = estimator.initial(basis_shape, name)
             if name != leader:
                 basis = torch.zeros_like(basis)
-            entry = state.create(name, estimator.field, basis.to(gm.get_parameter(name).device), step)
+            entry = state.create(name, estimator.field, basis.to(gm.get_parameter(name).device), step, estimator.name)
         elif tuple(entry._basis.shape) != shape:
             raise ValueError(
                 f"velora_fx.transform: the projection of {name} ({CONTAINER}.{name}.{entry.field}) has shape "
                 f"{tuple(entry._basis.shape)} but this config needs {shape}; transform with the config it was "
                 "trained with"
             )
+        else:
+            check_estimator(entry, estimator.name, f"{CONTAINER}.{name}.{entry.field}")
     if leader != site.weight_name:
         state.get(site.weight_name).share(state.get(leader))
 

@@ -62,6 +62,8 @@ from velora_fx.state import (
     CONTAINER,
     Projection,
     ProjectionState,
+    attached,
+    check_estimator,
     find_owner,
     named_parameters,
     new_projection,
@@ -188,14 +190,16 @@ class CompiledGraph:
             basis, step = self.estimator.initial(basis_shape, name)
             if follower:
                 basis = torch.zeros_like(basis)
-            return new_projection(param, name, owner, self.estimator.field, basis.to(param.device), step)
+            return new_projection(param, name, owner, self.estimator.field, basis.to(param.device), step,
+                                  self.estimator.name)  # fmt: skip
+        where = f"{CONTAINER}.{name}.{proj.field}" if owner is not None else "kept outside the state_dict"
         if proj.field != self.estimator.field or tuple(proj._basis.shape) != shape:
-            where = f"{CONTAINER}.{name}.{proj.field}" if owner is not None else "kept outside the state_dict"
             raise ValueError(
                 f"velora_fx: the projection of {name} ({where}) has shape {tuple(proj._basis.shape)} but this "
                 f"backend's config needs {shape} for D={features}; compile with the config the model was trained "
                 "with, or train a freshly prepared model"
             )
+        check_estimator(proj, self.estimator.name, where)
         return proj
 
     def _note_instance(self, args: list) -> None:
@@ -345,21 +349,31 @@ def records(obj: Any) -> tuple[list[SiteRecord], list[GraphSummary]]:
         names_of.setdefault(id(p), name)
     prefixes, found = {}, {}
     for name, module in root.named_modules():
-        if isinstance(module, ProjectionState):
-            prefixes[id(module)] = strip_compiled(name[: -len(CONTAINER)])  # "" or "module." (DDP), ...
-            found.update((id(r), r) for r in module.instance_records)
+        container = attached(module)
+        if container is not None:
+            prefixes[id(container)] = f"{strip_compiled(name)}." if strip_compiled(name) else ""  # "module." (DDP)
+            found.update((id(r), r) for r in container.instance_records)
     for _, p in named_parameters(root):
         found.update((id(r), r) for r in _RECORDS.get(p, ()))
+    # One step's worth: newest first, a graph whose weights a newer graph already covers was replaced by it (a
+    # recompile: another shape, another mode) and is left out; graphs of disjoint weights (graph breaks, per-block
+    # compile) are all part of the step. Each weight is listed once, as its newest graph compiled it.
     out: list[SiteRecord] = []
     instances: dict[int, list[InstanceRecord]] = {}
     projs = projections(root)
-    for record in sorted(found.values(), key=lambda r: r.order):
+    listed: set[str] = set()
+    for record in sorted(found.values(), key=lambda r: r.order, reverse=True):
         rendered = [dataclasses.replace(r, last_refresh=projs[r.weight].last_refresh) if r.weight in projs else r
                     for r in record.render(names_of, prefixes)]  # fmt: skip
-        out.extend(rendered)
+        new = [r for r in rendered if r.weight not in listed]
+        if rendered and not new:
+            continue
+        listed.update(r.weight for r in new)
+        out.extend(reversed(new))
         if rendered or not record.sites:
             instances.setdefault(record.order[0], []).append(record)
-    graphs = [dataclasses.replace(recs[0].summary, instances=len(recs)) for recs in instances.values()
+    out.reverse()
+    graphs = [dataclasses.replace(recs[0].summary, instances=len(recs)) for _, recs in sorted(instances.items())
               if recs[0].summary is not None]  # fmt: skip
     return out, graphs
 

@@ -6,7 +6,14 @@ on (VeLoRA's unit vector ``v``; the ``(d, r)`` basis of the other
 estimators) and, for estimators refreshed on a schedule, a step counter.
 
 * ``velora_fx.prepare(model)`` attaches one ``ProjectionState`` to the model
-  as the child ``model.velora_fx``. It holds the projections of every weight
+  as the attribute ``model.velora_fx``, not as a child module: the model's
+  shape is unchanged (``len(seq)``, ``seq[-1]``, ``children()``,
+  ``named_modules()`` and the wrapping policies that walk them see what they
+  saw before). A state_dict post-hook and a load_state_dict pre-hook on the
+  model carry it in and out of ``state_dict()``. A ``GraphModule`` that
+  ``velora_fx.transform`` rewrote is the exception: its graph reads the state
+  with ``get_attr``, which needs a submodule to survive FX's pickling (a
+  graph is not a container anyone iterates). It holds the projections of every weight
   of that model, keyed by the weight's ``named_parameters()`` name in the
   *prepared* model, so the name does not depend on how the model is later
   wrapped (DDP, FSDP2, per-block ``torch.compile``) or called. In
@@ -18,8 +25,10 @@ estimators) and, for estimators refreshed on a schedule, a step counter.
   ``model.load_state_dict``: the container creates the projections it reads.
 * The state is not a set of buffers: the container owns its tensors and
   keeps them float32 under every cast of the model (``.half()``,
-  ``.to(torch.bfloat16)``, ``.double()``), moving them only between devices
-  (``_apply``). The compiled graphs are built for float32 state and are fed
+  ``.to(torch.bfloat16)``, ``.double()``). It is not moved by ``.to()``
+  either: a graph takes it to its own device the first time it runs there
+  (``Projection.graph_input``), so ``model.to("meta")`` / ``to_empty`` leave
+  it as it was. The compiled graphs are built for float32 state and are fed
   float32 state, so a cast model can never make a graph read state of the
   wrong dtype.
 * Nothing here references the model strongly except the container's own
@@ -43,7 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import VeloraConfig  # noqa: F401 (the FX route's config type)
 
-__all__ = ["Projection", "ProjectionState", "prepare", "find_owner", "projection_for", "projections", "CONTAINER"]
+__all__ = ["Projection", "ProjectionState", "prepare", "attached", "container_of", "find_owner", "projection_for", "projections", "CONTAINER"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,9 @@ class Projection:
         self._last_refresh: Optional[int] = None  # the step of the last refresh this process made
         self.leader: Optional[Projection] = None
         self._calibrated = bool(basis.ne(0).any())
+        #: the estimator that made the basis, where the field does not say (``"basis"``: random, principal and
+        #: principal_random); ``None`` for a basis loaded from a checkpoint that did not record it
+        self.estimator: Optional[str] = None
 
     def __repr__(self) -> str:
         shared = f", shares {self.leader.weight}" if self.leader is not None else ""
@@ -126,6 +138,8 @@ class Projection:
         root = self.root
         due = every > 0 and root._steps > 0 and root._steps % every == 0
         root._steps += 1
+        if root._step is None and every > 0:  # loaded from a run without a schedule: count from here on, and save it
+            root._step = torch.zeros((), dtype=torch.int64, device=root._basis.device)
         if root._step is not None:
             root._step.fill_(root._steps)
         if due:
@@ -136,7 +150,11 @@ class Projection:
     def graph_input(self, device: torch.device) -> torch.Tensor:
         """The basis as a compiled graph expects it: float32 on ``device`` (moved there for good if it is not)."""
         root = self.root
-        if root._basis.device != device:
+        if root._basis.device.type == "meta":  # made on the meta device (a model built there): start afresh
+            root._basis = torch.zeros(root._basis.shape, dtype=_STATE_DTYPE, device=device)
+            root._step = None if root._step is None else torch.zeros((), dtype=torch.int64, device=device)
+            root._steps, root._calibrated = 0, False
+        elif root._basis.device != device:
             root._basis = root._basis.to(device)
             if root._step is not None:
                 root._step = root._step.to(device)
@@ -242,8 +260,10 @@ class ProjectionState(nn.Module):
     def get(self, weight: str) -> Optional[Projection]:
         return self._entries.get(weight)
 
-    def create(self, weight: str, field: str, basis: torch.Tensor, step: Optional[torch.Tensor]) -> Projection:
+    def create(self, weight: str, field: str, basis: torch.Tensor, step: Optional[torch.Tensor],
+               estimator: Optional[str] = None) -> Projection:  # fmt: skip
         entry = Projection(weight, field, basis.to(_STATE_DTYPE).contiguous(), step)
+        entry.estimator = estimator
         self._entries[weight] = entry
         return entry
 
@@ -258,6 +278,8 @@ class ProjectionState(nn.Module):
                 if value is not None:
                     value = value if keep_vars else value.detach()
                     destination[f"{prefix}{name}.{field}"] = value.clone() if shared else value
+            if e.field == "basis" and e.root.estimator is not None:  # the field alone does not say which made it
+                destination[f"{prefix}{name}.estimator"] = _encode_name(e.root.estimator)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
@@ -267,7 +289,7 @@ class ProjectionState(nn.Module):
             if not key.startswith(prefix):
                 continue
             weight, _, field = key[len(prefix):].rpartition(".")
-            if field not in ("v", "basis", "key", "step") or not weight:
+            if field not in ("v", "basis", "key", "step", "estimator") or not weight:
                 unexpected_keys.append(key)
                 continue
             loaded.setdefault(weight, {})[field] = value
@@ -277,6 +299,15 @@ class ProjectionState(nn.Module):
                 unexpected_keys.extend(f"{prefix}{weight}.{f}" for f in fields)
                 continue
             value, step = fields[field], fields.get("step")
+            made_by = _decode_name(fields["estimator"]) if "estimator" in fields else None
+            mine = None if self.config is None else self.config.estimator_name  # the FX route knows its estimator now
+            if made_by is not None and mine is not None and made_by != mine:
+                error_msgs.append(
+                    f"velora_fx: {prefix}{weight}.{field} was made by the estimator {made_by!r} (the checkpoint's "
+                    f"{prefix}{weight}.estimator), but this GraphModule was transformed with {mine!r}; transform with "
+                    f"estimator={made_by!r} to resume, or drop the velora_fx.* entries to start {mine!r} afresh."
+                )
+                continue
             entry = self._entries.get(weight)
             if entry is not None and (entry.field != field or entry._basis.shape != value.shape):
                 error_msgs.append(
@@ -294,7 +325,7 @@ class ProjectionState(nn.Module):
                 continue
             step = None if step is None else step.detach().to(torch.int64).clone()
             if entry is None:
-                self.create(weight, field, basis, step)
+                self.create(weight, field, basis, step, made_by)
             elif entry.leader is not None:  # shares its leader's state: the checkpoint must agree with it
                 shared.append((entry, basis))
             else:
@@ -302,6 +333,7 @@ class ProjectionState(nn.Module):
                 entry._step = None if step is None else step.to(entry._basis.device)
                 entry._steps = 0 if step is None else int(step)
                 entry.calibrated = bool(basis.ne(0).any())
+                entry.estimator = made_by
         for entry, basis in shared:
             entry._basis = basis
             entry.calibrated = bool(basis.ne(0).any())
@@ -325,6 +357,28 @@ class ProjectionState(nn.Module):
             elif e._basis.device != device:
                 e._apply_device(device)
         return self
+
+
+def _encode_name(name: str) -> torch.Tensor:
+    """An estimator's name as a state_dict entry: its ASCII bytes (safetensors and DCP store tensors only)."""
+    return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)
+
+
+def _decode_name(value: torch.Tensor) -> str:
+    return bytes(value.to(torch.uint8).tolist()).decode("ascii", errors="replace")
+
+
+def check_estimator(proj: Projection, estimator: str, key: str) -> None:
+    """Refuse to train a basis that another estimator made (both keep a ``(d, r)`` basis: same field, same shape)."""
+    made_by = proj.root.estimator
+    if made_by is not None and made_by != estimator:
+        raise ValueError(
+            f"velora_fx: {key} was made by the estimator {made_by!r} (the checkpoint says so), but this config's "
+            f"estimator is {estimator!r}; its basis would be trained as if {estimator!r} had made it. Compile with "
+            f"estimator={made_by!r} to resume, or drop the velora_fx.* entries of that checkpoint to start {estimator!r} "
+            "afresh (it calibrates on the first batch)."
+        )
+    proj.root.estimator = estimator
 
 
 # -- the registry of prepared models and of the projections of unprepared ones ------------------------
@@ -378,10 +432,9 @@ def prepare(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"velora_fx.prepare takes an nn.Module, got {type(model).__name__}")
-    existing = model._modules.get(CONTAINER)
-    if isinstance(existing, ProjectionState):
+    if attached(model) is not None:
         return model
-    if existing is not None or hasattr(model, CONTAINER):
+    if hasattr(model, CONTAINER):
         raise ValueError(
             f"velora_fx.prepare: {type(model).__name__} already has an attribute {CONTAINER!r}; velora_fx keeps "
             "its state under that name"
@@ -393,16 +446,47 @@ def prepare(model: nn.Module) -> nn.Module:
                 f"velora_fx.prepare: parameter {name} already belongs to a prepared {type(owner.root).__name__} "
                 f"(as {owner.name_of(p)}); prepare the outermost model you train, once"
             )
-    model.add_module(CONTAINER, ProjectionState(model))
-    model.register_load_state_dict_pre_hook(_translate_legacy_keys)
+    model.register_load_state_dict_pre_hook(_translate_legacy_keys)  # before _load_state reads the keys
+    state = ProjectionState(model)
+    if isinstance(model, torch.fx.GraphModule):  # NOTE [the state model]: get_attr needs a submodule
+        model.add_module(CONTAINER, state)
+    else:
+        object.__setattr__(model, CONTAINER, state)  # not nn.Module.__setattr__: no child module
+        model.register_state_dict_post_hook(_save_state)
+        model.register_load_state_dict_pre_hook(_load_state)
     return model
+
+
+def attached(module: nn.Module) -> Optional[ProjectionState]:
+    """The ``ProjectionState`` that ``prepare`` attached to ``module`` itself, ``None`` if none."""
+    if not isinstance(module, nn.Module):
+        return None
+    found = module.__dict__.get(CONTAINER, module._modules.get(CONTAINER))
+    return found if isinstance(found, ProjectionState) else None
 
 
 def container_of(model: nn.Module) -> Optional[ProjectionState]:
     """The ``ProjectionState`` of a prepared ``model`` (or of what ``torch.compile`` returned for it)."""
-    model = getattr(model, "_orig_mod", model)
-    found = model._modules.get(CONTAINER) if isinstance(model, nn.Module) else None
-    return found if isinstance(found, ProjectionState) else None
+    return attached(getattr(model, "_orig_mod", model))
+
+
+def _save_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook of a prepared model: its state under ``<prefix>velora_fx.``."""
+    container = attached(module)
+    if container is not None:
+        container._save_to_state_dict(state_dict, f"{prefix}{CONTAINER}.", False)
+
+
+def _load_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                error_msgs):  # fmt: skip
+    """``load_state_dict`` pre-hook of a prepared model: takes the ``<prefix>velora_fx.`` entries out (the model
+    has no child of that name to give them to) and loads them into its state."""
+    container = attached(module)
+    if container is None:
+        return
+    mine = f"{prefix}{CONTAINER}."
+    taken = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(mine)]}
+    container._load_from_state_dict(taken, mine, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 def find_owner(param: torch.Tensor) -> Optional[ProjectionState]:
@@ -421,10 +505,10 @@ def projection_for(param: torch.Tensor, name: str, owner: Optional[ProjectionSta
 
 
 def new_projection(param: torch.Tensor, name: str, owner: Optional[ProjectionState], field: str,
-                   basis: torch.Tensor, step: Optional[torch.Tensor]) -> Projection:  # fmt: skip
+                   basis: torch.Tensor, step: Optional[torch.Tensor], estimator: Optional[str] = None) -> Projection:  # fmt: skip
     """Create the projection of ``param``: in its prepared model, or in the side table (and warn once)."""
     if owner is not None:
-        return owner.create(name, field, basis, step)
+        return owner.create(name, field, basis, step, estimator)
     global _warned_unprepared
     if not _warned_unprepared:
         _warned_unprepared = True
@@ -436,6 +520,7 @@ def new_projection(param: torch.Tensor, name: str, owner: Optional[ProjectionSta
             name,
         )
     entry = Projection(name, field, basis.to(_STATE_DTYPE).contiguous(), step)
+    entry.estimator = estimator
     _DETACHED[param] = entry
     return entry
 
@@ -453,9 +538,10 @@ def projections(model: nn.Module) -> dict[str, Projection]:
     model = getattr(model, "_orig_mod", model)
     out: dict[str, Projection] = {}
     for path, module in model.named_modules():
-        if isinstance(module, ProjectionState):
-            prefix = strip_compiled(path[: -len(CONTAINER)])
-            for e in module:
+        container = attached(module)
+        if container is not None:
+            prefix = f"{strip_compiled(path)}." if strip_compiled(path) else ""
+            for e in container:
                 out[prefix + e.weight] = e
     for name, p in named_parameters(model):
         entry = _DETACHED.get(p)
@@ -473,8 +559,7 @@ def _translate_legacy_keys(module, state_dict, prefix, local_metadata, strict, m
                            error_msgs):  # fmt: skip
     """Read checkpoints of velora_fx 0.1: ``<weight>_velora_v`` buffers (backend) and ``velora_fx.<w_e_i_g_h_t>.v``
     (FX route, dots spelled as underscores) become ``velora_fx.<weight>.v``."""
-    container = module._modules.get(CONTAINER)
-    if not isinstance(container, ProjectionState):
+    if attached(module) is None:
         return
     escaped = {_escape(name): name for name, _ in named_parameters(module)}
     for key in list(state_dict):
