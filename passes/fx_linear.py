@@ -269,7 +269,15 @@ def velora_linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
     return PassResult(gm, apply(gm, decisions, config))
 
 
-def records(gm: fx.GraphModule) -> list[SiteRecord]:
+def basis_shape_of(entry, est) -> tuple[int, int]:
+    """The ``(d, r)`` of an entry's estimator (a traced codec's from its config; its state is only a key)."""
+    if est.traced:
+        return est.basis_shape(0)[0]
+    basis = entry.basis
+    return basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]
+
+
+def records(gm: fx.GraphModule, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRecord]:
     """The decisions recorded in ``gm``'s graph, sized with the inputs seen so far.
 
     Sites that share one input (q/k/v projections of one normed tensor) count
@@ -286,8 +294,14 @@ def records(gm: fx.GraphModule) -> list[SiteRecord]:
             continue
         if record.status == COMPRESSED:
             changes: dict[str, Any] = {}
-            if record.node in seen:
-                shape, dtype, basis_shape, kept = seen[record.node]
+            info = seen.get(record.node)
+            if info is None and state is not None and record.weight in (inputs or {}) and record.weight in state:
+                shape, dtype = inputs[record.weight]  # seen by the compile backend: torch.compile runs this graph
+                dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+                basis_shape = basis_shape_of(state.get(record.weight), for_config(state.config))
+                info = (shape, dtype, basis_shape, int(torch.Size(shape).numel()) * dtype.itemsize >= state.config.min_saved_bytes)
+            if info is not None:
+                shape, dtype, basis_shape, kept = info
                 before = kept_bytes(shape, dtype, None)[0]
                 after = for_config(state.config).kept_bytes(shape, dtype, basis_shape)
                 changes = {"input_shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,

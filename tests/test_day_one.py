@@ -238,3 +238,20 @@ def test_a_checkpoint_without_a_schedule_resumes_counting_from_its_load():
         proj = velora_fx.projections(resumed)[name]
         assert proj.steps == step and torch.equal(proj.basis, first) == (step <= 3), step
     assert int(resumed.state_dict()[f"velora_fx.{name}.step"]) == 4
+
+
+def test_transform_then_compile_reports_the_fx_sites_with_their_bytes():
+    """``transform(gm)`` then ``torch.compile(gm, backend=velora_fx.backend)``: the report said "saved 0 B" and blamed
+    activation checkpointing (the compile backend saw the FX route's autograd.Function). The FX route owns its
+    sites; the compile backend lends them the input shapes it saw."""
+    from .backend_models import TinyMLP
+
+    torch.manual_seed(0)
+    gm = velora_fx.transform(torch.fx.symbolic_trace(TinyMLP(dim=64, hidden=96)))
+    compiled = torch.compile(gm, backend=velora_fx.backend)
+    saved_bytes_step(compiled, torch.randn(4, 64))
+    rep = velora_fx.report(compiled)
+    assert [r.weight for r in rep] == ["fc1.weight", "fc2.weight"] and len(rep.compressed) == 2
+    assert [r.input_shape for r in rep] == [(4, 64), (4, 96)]
+    assert all(0 < r.bytes_after < r.bytes_before for r in rep)
+    assert "activation checkpointing" not in str(rep)

@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from velora_fx.passes import fx_linear
+from velora_fx.passes.fx_linear import basis_shape_of as _basis_shape
 
 from . import ops
 from .config import VeloraConfig
 from .estimators import for_config
 from .report import Report, SiteRecord, report
-from .state import CONTAINER, ProjectionState, prepare
+from .state import CONTAINER, ProjectionState, prepare, strip_compiled
 
 __all__ = ["transform", "calibrate", "project", "linear"]
 
@@ -108,14 +109,6 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
     return ops.projected_input(x, entry.basis)
 
 
-def _basis_shape(entry, est) -> tuple[int, int]:
-    """The ``(d, r)`` of an entry's estimator (a traced codec's from its config; its state is only a key)."""
-    if est.traced:
-        return est.basis_shape(0)[0]
-    basis = entry.basis
-    return basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]
-
-
 def _decoder(est, basis_shape):
     """``decode(saved, state, features, dtype)`` of a traced codec, for ``VeloraLinearFunction``'s backward."""
     return functools.partial(_decode_with, est, basis_shape)
@@ -186,15 +179,20 @@ def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.G
     return gm
 
 
-def records(obj: Any) -> list[SiteRecord]:
-    """The FX-route records of every transformed GraphModule in ``obj``, named as in ``obj``."""
+def records(obj: Any, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRecord]:
+    """The FX-route records of every transformed GraphModule in ``obj``, named as in ``obj``.
+
+    ``inputs``: weight name -> (input shape, dtype name) seen by the compile backend, for a transformed GraphModule
+    that ``torch.compile`` runs (its Python-side record of the inputs does not run inside a compiled graph).
+    """
     if not isinstance(obj, nn.Module):
         return []
     out = []
     for path, module in obj.named_modules():
         if isinstance(module, fx.GraphModule) and isinstance(module._modules.get(CONTAINER), ProjectionState):
-            prefix = f"{path}." if path else ""
-            out.extend(dataclasses.replace(r, weight=prefix + r.weight) for r in fx_linear.records(module))
+            prefix = f"{strip_compiled(path)}." if strip_compiled(path) else ""
+            local = {w[len(prefix):]: v for w, v in (inputs or {}).items() if w.startswith(prefix)}
+            out.extend(dataclasses.replace(r, weight=prefix + r.weight) for r in fx_linear.records(module, local))
     return out
 
 
