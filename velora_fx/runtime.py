@@ -61,7 +61,6 @@ from velora_fx.report import COMPRESSED, GraphSummary, SiteRecord
 from velora_fx.state import (
     CONTAINER,
     Projection,
-    ProjectionState,
     attached,
     check_estimator,
     find_owner,
