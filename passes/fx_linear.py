@@ -38,7 +38,7 @@ from velora_fx.config import VeloraConfig
 from velora_fx.estimators import for_config
 from velora_fx.passes.sites import META_KEY, is_transpose_2d, torch_site
 from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord, kept_bytes
-from velora_fx.state import CONTAINER, ProjectionState, check_estimator
+from velora_fx.state import CONTAINER, ProjectionState, check_estimator, watch_steps
 
 __all__ = ["Site", "plan", "apply", "velora_linear_pass", "records", "GRAPH_NAME"]
 
@@ -259,6 +259,7 @@ def _ensure_projection(state: ProjectionState, site: Site, leader: str, estimato
             check_estimator(entry, estimator.name, f"{CONTAINER}.{name}.{entry.field}")
     if leader != site.weight_name:
         state.get(site.weight_name).share(state.get(leader))
+    watch_steps(gm.get_parameter(site.weight_name), state.get(leader))
 
 
 def velora_linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:

@@ -265,3 +265,43 @@ def test_transform_then_compile_reports_the_fx_sites_with_their_bytes():
     assert [r.input_shape for r in rep] == [(4, 64), (4, 96)]
     assert all(0 < r.bytes_after < r.bytes_before for r in rep)
     assert "activation checkpointing" not in str(rep)
+
+
+class _BothSides(torch.nn.Module):
+    """One weight read on both sides of a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = torch.relu(self.lin(x))
+        torch._dynamo.graph_break()
+        return self.lin(y)
+
+
+@pytest.mark.parametrize("setup", ["graph break", "accumulation", "eval with grad"])
+def test_one_step_is_one_optimizer_step(setup):
+    """A weight on both sides of a graph break counted two steps per training step (12 after 6), so refreshes came
+    every 1.5 steps; micro-batches and eval forwards with grad counted too. NOTE [one step is one optimizer step]."""
+    torch.manual_seed(0)
+    model = velora_fx.prepare(_BothSides() if setup == "graph break" else torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)))  # fmt: skip
+    cfg = VeloraConfig(estimator="random", rank=8, refresh_every=2)
+    compiled = torch.compile(model, backend=velora_fx.make_backend(cfg))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    micro = 3 if setup == "accumulation" else 1
+    for _ in range(4):
+        for _ in range(micro):
+            compiled(torch.randn(4, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if setup == "eval with grad":
+            compiled(torch.randn(4, 64)).sum().backward()  # e.g. a gradient norm probe: no optimizer step
+            opt.zero_grad()
+    projs = velora_fx.projections(model)
+    # 4 steps taken; the 5th is counted by the first call after the 4th optimizer step (the probe, when there is one),
+    # and the refresh due then (every 2 steps) happens at that call
+    want_steps, want_refresh = (5, 4) if setup == "eval with grad" else (4, 2)
+    assert projs and all(p.steps == want_steps for p in projs.values()), {n: p.steps for n, p in projs.items()}
+    assert all(p.last_refresh == want_refresh for p in projs.values())

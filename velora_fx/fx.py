@@ -71,7 +71,7 @@ def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) ->
 def _advance(state: ProjectionState, name: str, x: torch.Tensor) -> None:
     """Count a training step of ``name``'s projection; refresh it (from ``x``, or by re-seeding) when one is due."""
     entry, est = state.get(name), for_config(state.config)
-    index = entry.advance(est.refresh_every)
+    index = entry.tick(est.refresh_every)
     if index is None or not entry.calibrated:
         return
     if est.refresh_needs_data:

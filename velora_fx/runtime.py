@@ -69,6 +69,7 @@ from velora_fx.state import (
     projection_for,
     projections,
     strip_compiled,
+    watch_steps,
 )
 
 __all__ = ["CompiledGraph", "records", "distributed"]
@@ -174,9 +175,11 @@ class CompiledGraph:
         """The projection of the leader of slot ``k`` (created when new), its followers sharing it."""
         slot = self.spec.slots[k]
         proj = self._projection(args[slot.primal], slot.name, slot.basis_shape, slot.features)
+        watch_steps(args[slot.primal], proj)
         for f in self.followers[k]:
             fs = self.spec.slots[f]
             self._projection(args[fs.primal], fs.name, fs.basis_shape, fs.features, follower=True).share(proj)
+            watch_steps(args[fs.primal], proj)
         self._bindings[args[slot.primal]] = proj
         return proj
 
@@ -292,7 +295,7 @@ class CompiledGraph:
             if proj is None:
                 proj, rebound = self._bind(args, k), True
             projs.append(proj)
-            index = proj.advance(every) if every else None
+            index = proj.tick(every) if every else None
             if not proj.calibrated:
                 calibrate.append((k, proj))
             elif index is not None:

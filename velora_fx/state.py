@@ -48,6 +48,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import VeloraConfig  # noqa: F401 (the FX route's config type)
@@ -84,6 +85,10 @@ class Projection:
         #: the estimator that made the basis, where the field does not say (``"basis"``: random, principal and
         #: principal_random); ``None`` for a basis loaded from a checkpoint that did not record it
         self.estimator: Optional[str] = None
+        # NOTE [one step is one optimizer step]: set by the optimizer hook (``_on_optimizer_step``)
+        self._optimized = False  # an optimizer steps this weight: count its steps, not the calls of its graphs
+        self._stepped = False  # it stepped since the last count
+        self._mark: Optional[int] = None  # per-call counting: the count before the first call since creation/load
 
     def __repr__(self) -> str:
         shared = f", shares {self.leader.weight}" if self.leader is not None else ""
@@ -132,6 +137,26 @@ class Projection:
         new = value.detach().to(root._basis.device, _STATE_DTYPE).contiguous()  # the layout graphs were built for
         root._basis = new.clone() if new is value else new
         root._calibrated = True
+
+    def tick(self, every: int) -> Optional[int]:
+        """One training call of a graph that reads this projection: a step (``advance``) if it is the first call
+        since the optimizer stepped the weight, else nothing. See NOTE [one step is one optimizer step]."""
+        root = self.root
+        if root._optimized:
+            if not root._stepped:
+                return None  # the same step: another micro-batch, another graph, an eval forward with grad
+            root._stepped = False
+        elif root._mark is None:
+            root._mark = root._steps
+        return self.advance(every)
+
+    def optimizer_stepped(self) -> None:
+        root = self.root
+        if not root._optimized and root._mark is not None:  # the calls of the first step count as one
+            root._steps = root._mark + 1
+            if root._step is not None:
+                root._step.fill_(root._steps)
+        root._optimized, root._stepped, root._mark = True, True, None
 
     def advance(self, every: int) -> Optional[int]:
         """Count one training step; the refresh index (1, 2, ...) when this step starts with a refresh, else None."""
@@ -334,6 +359,7 @@ class ProjectionState(nn.Module):
                 entry._steps = 0 if step is None else int(step)
                 entry.calibrated = bool(basis.ne(0).any())
                 entry.estimator = made_by
+                entry._mark = None  # per-call counting folds from the loaded count
         for entry, basis in shared:
             entry._basis = basis
             entry.calibrated = bool(basis.ne(0).any())
@@ -379,6 +405,37 @@ def check_estimator(proj: Projection, estimator: str, key: str) -> None:
             "afresh (it calibrates on the first batch)."
         )
     proj.root.estimator = estimator
+
+
+# NOTE [one step is one optimizer step]
+# A refresh schedule (``refresh_every``) and the quantized estimator's per-step draws count training steps. A step
+# is an optimizer step of the weight: a global optimizer step post-hook marks the projections of the parameters the
+# optimizer stepped, and the first graph call after the mark counts one step; further calls before the next mark
+# (micro-batches of gradient accumulation, the other graph of a weight used on both sides of a graph break, an eval
+# forward with grad) count nothing. Until an optimizer has stepped the weight (training without ``torch.optim``,
+# or parameters the optimizer holds as other objects, e.g. FSDP2's shards), each call counts; at the first optimizer
+# step the calls since creation or load are folded into one.
+
+_PROJECTION_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> its projection, for the optimizer hook
+_HOOK = None
+
+
+def watch_steps(param: torch.Tensor, proj: "Projection") -> None:
+    """Count ``proj``'s steps by the optimizer steps of ``param`` (NOTE [one step is one optimizer step])."""
+    global _HOOK
+    _PROJECTION_OF[param] = proj
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_post_hook(_on_optimizer_step)
+
+
+def _on_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _PROJECTION_OF:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            proj = _PROJECTION_OF.get(param)
+            if proj is not None:
+                proj.optimizer_stepped()
 
 
 # -- the registry of prepared models and of the projections of unprepared ones ------------------------
