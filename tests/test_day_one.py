@@ -305,3 +305,28 @@ def test_one_step_is_one_optimizer_step(setup):
     want_steps, want_refresh = (5, 4) if setup == "eval with grad" else (4, 2)
     assert projs and all(p.steps == want_steps for p in projs.values()), {n: p.steps for n, p in projs.items()}
     assert all(p.last_refresh == want_refresh for p in projs.values())
+
+
+def test_from_pretrained_of_a_prepared_class_then_load_state(tmp_path):
+    """HF ``from_pretrained`` keeps only the keys a fresh model lists, and a fresh prepared model lists no projections
+    yet: it drops them (as unexpected). ``velora_fx.load_state(model, directory)`` loads them from the checkpoint."""
+    transformers = pytest.importorskip("transformers")
+
+    class PreparedLlama(transformers.LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            velora_fx.prepare(self)
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    model = PreparedLlama(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    torch.compile(model, backend="velora_fx")(input_ids=ids, labels=ids).loss.backward()
+    model.save_pretrained(tmp_path)
+    loaded = PreparedLlama.from_pretrained(tmp_path)
+    assert velora_fx.load_state(loaded, tmp_path) == len([k for k in model.state_dict() if k.startswith("velora_fx.")])
+    want, got = velora_fx.projections(model), velora_fx.projections(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(got[k].basis, want[k].basis) for k in want)
+    with pytest.raises(ValueError, match="is not prepared"):
+        velora_fx.load_state(torch.nn.Linear(2, 2), tmp_path)

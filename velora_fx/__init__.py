@@ -14,7 +14,7 @@ coordinate at a few bits (``VeloraConfig(estimator=velora_fx.Quantized(bits=2))`
 """
 
 from .config import INIT_MODES, Quantized, VeloraConfig
-from .state import Projection, prepare, projections
+from .state import Projection, load_state, prepare, projections
 from .fx import calibrate, transform
 from .ops import project, reconstruct, velora_linear
 from .report import Report, SiteRecord, report
@@ -29,6 +29,7 @@ __all__ = [
     "VeloraConfig",
     "backend",
     "calibrate",
+    "load_state",
     "make_backend",
     "prepare",
     "project",

@@ -53,7 +53,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import VeloraConfig  # noqa: F401 (the FX route's config type)
 
-__all__ = ["Projection", "ProjectionState", "prepare", "attached", "container_of", "find_owner", "projection_for", "projections", "CONTAINER"]
+__all__ = ["Projection", "ProjectionState", "prepare", "attached", "container_of", "load_state", "find_owner", "projection_for", "projections", "CONTAINER"]
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +520,51 @@ def attached(module: nn.Module) -> Optional[ProjectionState]:
         return None
     found = module.__dict__.get(CONTAINER, module._modules.get(CONTAINER))
     return found if isinstance(found, ProjectionState) else None
+
+
+def load_state(model: nn.Module, checkpoint) -> int:
+    """Load the ``velora_fx.*`` entries of ``checkpoint`` into the prepared ``model``; the number loaded.
+
+    For loaders that keep only the keys a fresh model lists (HF ``from_pretrained``: a prepared model lists its
+    projections only once a graph has made them, so it reports them as unexpected and drops them).
+    ``checkpoint``: a state dict, a ``.safetensors`` / ``torch.save`` file, or a ``save_pretrained`` directory
+    (``model.safetensors``, its sharded index, or ``pytorch_model.bin``).
+
+    Example::
+
+        >>> model = velora_fx.prepare(MyLlama.from_pretrained(path))   # doctest: +SKIP
+        >>> velora_fx.load_state(model, path)                           # doctest: +SKIP
+    """
+    import json
+    import pathlib
+
+    if attached(getattr(model, "_orig_mod", model)) is None:
+        raise ValueError(f"velora_fx.load_state: {type(model).__name__} is not prepared; velora_fx.prepare(model) first")
+    if isinstance(checkpoint, dict):
+        state = checkpoint
+    else:
+        path = pathlib.Path(checkpoint)
+        if path.is_dir():
+            index = path / "model.safetensors.index.json"
+            files = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists()
+                     else [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.exists()][:1])  # fmt: skip
+            if not files:
+                raise FileNotFoundError(f"velora_fx.load_state: no model.safetensors or pytorch_model.bin in {path}")
+        else:
+            files = [path]
+        state = {}
+        for f in files:
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state.update(load_file(str(f)))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+    mine = {k: v for k, v in state.items() if k.startswith(f"{CONTAINER}.")}
+    result = getattr(model, "_orig_mod", model).load_state_dict(mine, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"velora_fx.load_state: unexpected keys {result.unexpected_keys[:5]}")
+    return len(mine)
 
 
 def container_of(model: nn.Module) -> Optional[ProjectionState]:
