@@ -102,6 +102,21 @@ def test_a_non_finite_basis_in_a_checkpoint_is_an_error_naming_its_key(trained):
         fresh.load_state_dict(state)
 
 
+def test_a_zero_key_in_a_checkpoint_is_an_error_and_a_zero_basis_means_uncalibrated(trained):
+    """A quantized key of 0 is refused, naming the key. An all-zero basis is what an uncalibrated projection saves
+    (the FX route's state right after ``transform``): it loads as uncalibrated and calibrates on the next batch."""
+    state = {"velora_fx.fc1.weight.key": torch.zeros(1), "velora_fx.fc1.weight.step": torch.tensor(3)}
+    fresh = velora_fx.prepare(torch.nn.Sequential())
+    with pytest.raises(RuntimeError, match=r"velora_fx\.fc1\.weight\.key is 0"):
+        fresh.load_state_dict(state, strict=False)
+    zeros = {k: torch.zeros_like(v) if k.endswith(".v") else v for k, v in trained.state_dict().items()}
+    model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96))
+    model.load_state_dict(zeros)
+    assert not any(p.calibrated for p in velora_fx.projections(model).values())
+    saved_bytes_step(torch.compile(model, backend=velora_fx.backend), torch.randn(2, 8, 64))
+    assert all(p.calibrated for p in velora_fx.projections(model).values())
+
+
 def test_a_backend_built_per_model_compresses_every_model():
     """Each ``make_backend(cfg)`` call used to be a new backend: from the 9th model on, Dynamo's recompile limit ran
     the frame without velora_fx, silently. Equal configs now share one backend (and one compiled graph)."""

@@ -348,6 +348,13 @@ class ProjectionState(nn.Module):
                     "(they are recalibrated on the first batch)."
                 )
                 continue
+            if field == "key" and basis.device.type != "meta" and not bool(basis.ne(0).all()):
+                error_msgs.append(
+                    f"velora_fx: {prefix}{weight}.key is 0; the quantized estimator's keys are never 0 (a zero key "
+                    "would draw every step's rounding from one degenerate stream). Load a checkpoint written by "
+                    "velora_fx, or drop the velora_fx entries from it (the keys restart from the seed)."
+                )
+                continue
             step = None if step is None else step.detach().to(torch.int64).clone()
             if entry is None:
                 self.create(weight, field, basis, step, made_by)
