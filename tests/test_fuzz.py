@@ -281,6 +281,18 @@ def _close(got, want, what, autocast: bool, loose: bool = False):
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def _close_quantized_bf16(got, want, what):
+    """The quantized formula under bf16 autocast: the oracle's ``x`` comes from an eager bf16 run, which rounds a
+    little differently from the compiled graph, and a stochastic code whose input sits near its threshold flips by a
+    whole step (range / (2^bits - 1)) of one element (found by the fuzzer: 3 of 768 elements of a 2-bit ``dW``, the
+    rest within bf16 rounding). So: within bf16 rounding in norm, and elementwise but for at most 2 % of elements."""
+    got, want = got.float(), want.float()
+    assert (got - want).norm() <= 0.1 * want.norm() + 1e-6, f"{what}: relative error {(got - want).norm() / want.norm()}"
+    scale = max(1.0, float(want.abs().max()) if want.numel() else 1.0)
+    off = ((got - want).abs() > 8e-2 * scale + 5e-2 * want.abs()).float().mean()
+    assert off <= 0.02, f"{what}: {float(off):.1%} of elements off"
+
+
 def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autocast: bool,
                compressed: list[bool], quant: Optional[tuple[int, int]] = None) -> torch.Tensor:  # fmt: skip
     """``Σ_uses`` of ``scale · gᵀ x̂`` (a compressed use) or ``gᵀ x`` (a use left exact: a weight used twice may be
@@ -328,10 +340,22 @@ BF16_DEEP = ArchSpec(
 )  # fmt: skip
 
 
+# Found by a 40-example run: 2-bit codes under bf16 autocast; 3 of 768 elements of a dW a whole code step from the
+# formula (the oracle's eager bf16 input rounds differently from the compiled one; see _close_quantized_bf16).
+QUANT_BF16_FLIP = ArchSpec(
+    dim=6, lead=(4,), num_groups=2, scale=0.5, autocast=True, dynamic=False, prepared=False, quant=(2, 8),
+    sequential=True,
+    blocks=(BlockSpec("linear", (LinSpec("matmul_t", 32, True, False),), act="gelu"),
+            BlockSpec("linear", (LinSpec("module", 24, True, False),), act="relu"), BlockSpec("norm", norm="layer"),
+            BlockSpec("tied", (LinSpec("module", 24, True, True),))),
+)  # fmt: skip
+
+
 # No shrinking: every step of it costs an Inductor compile; the failing spec is printed whole (note()).
 @settings(max_examples=MAX_EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @example(spec=TIED_HALF_COMPRESSED, seed=34836)
 @example(spec=BF16_DEEP, seed=0)
+@example(spec=QUANT_BF16_FLIP, seed=1260)
 @given(spec=arch_specs(), seed=st.integers(0, 2**16))
 def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
     note(repr(spec))
@@ -394,7 +418,10 @@ def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
             assert v.shape == (cfg.sub_token_size_for(xs.shape[-1]),)
             _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast, loose=True)
         want_dw = _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast, statuses[weight], spec.quant)
-        _close(got[weight], want_dw, weight, spec.autocast, loose=True)
+        if spec.quant and spec.autocast:
+            _close_quantized_bf16(got[weight], want_dw, weight)
+        else:
+            _close(got[weight], want_dw, weight, spec.autocast, loose=True)
 
     if spec.prepared and compressed:  # a safetensors round trip mid-training: the next step is the same, bit for bit
         velora_fx.prepare(fresh).load_state_dict(safetensors.torch.load(safetensors.torch.save(model.state_dict())))
