@@ -10,11 +10,11 @@ estimators) and, for estimators refreshed on a schedule, a step counter.
   shape is unchanged (``len(seq)``, ``seq[-1]``, ``children()``,
   ``named_modules()`` and the wrapping policies that walk them see what they
   saw before). A state_dict post-hook and a load_state_dict pre-hook on the
-  model carry it in and out of ``state_dict()``. A ``GraphModule`` that
+  model carry it in and out of ``state_dict()``. (A ``GraphModule`` that
   ``velora_fx.transform`` rewrote is the exception: its graph reads the state
-  with ``get_attr``, which needs a submodule to survive FX's pickling (a
-  graph is not a container anyone iterates). It holds the projections of every weight
-  of that model, keyed by the weight's ``named_parameters()`` name in the
+  with ``get_attr``, which needs a submodule to survive FX's pickling; a
+  graph is not a container anyone iterates.) The state holds the
+  projections of every weight of that model, keyed by the weight's ``named_parameters()`` name in the
   *prepared* model, so the name does not depend on how the model is later
   wrapped (DDP, FSDP2, per-block ``torch.compile``) or called. In
   ``model.state_dict()`` they appear as ``velora_fx.<weight name>.<field>``
@@ -42,7 +42,9 @@ estimators) and, for estimators refreshed on a schedule, a step counter.
 
 from __future__ import annotations
 
+import json
 import logging
+import pathlib
 import weakref
 from typing import Iterator, Optional
 
@@ -53,7 +55,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import VeloraConfig  # noqa: F401 (the FX route's config type)
 
-__all__ = ["Projection", "ProjectionState", "prepare", "attached", "container_of", "load_state", "find_owner", "projection_for", "projections", "CONTAINER"]
+__all__ = ["Projection", "ProjectionState", "prepare", "attached", "container_of", "load_state", "find_owner",
+           "projection_for", "projections", "watch_steps", "check_estimator", "CONTAINER"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -542,9 +545,6 @@ def load_state(model: nn.Module, checkpoint) -> int:
         >>> model = velora_fx.prepare(MyLlama.from_pretrained(path))   # doctest: +SKIP
         >>> velora_fx.load_state(model, path)                           # doctest: +SKIP
     """
-    import json
-    import pathlib
-
     if attached(getattr(model, "_orig_mod", model)) is None:
         raise ValueError(f"velora_fx.load_state: {type(model).__name__} is not prepared; velora_fx.prepare(model) first")
     if isinstance(checkpoint, dict):
