@@ -547,7 +547,9 @@ def test_dynamic_shapes_no_extra_recompiles(dynamic):
     assert set(first) == {"fc1.weight", "fc2.weight"}
     for later in dynamic.vs[1:]:
         assert all(torch.equal(first[k], later[k]) for k in first)
-    assert len({r.graph for r in velora_fx.report(dynamic.model)}) == dynamic.backend.calls
+    # the report counts one step: the dynamic graph replaced the static one (same weights), each site listed once
+    rep = velora_fx.report(dynamic.model)
+    assert len({r.graph for r in rep}) == 1 and [r.weight for r in rep] == ["fc1.weight", "fc2.weight"]
 
 
 def _assert_same_next_step(dynamic, compiled, fresh, x):
