@@ -299,11 +299,11 @@ def records(gm: fx.GraphModule, inputs: Optional[dict[str, tuple]] = None) -> li
             if info is None and state is not None and record.weight in (inputs or {}) and record.weight in state:
                 shape, dtype = inputs[record.weight]  # seen by the compile backend: torch.compile runs this graph
                 dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-                basis_shape = basis_shape_of(state.get(record.weight), for_config(state.config))
-                info = (shape, dtype, basis_shape, int(torch.Size(shape).numel()) * dtype.itemsize >= state.config.min_saved_bytes)
+                info = (shape, dtype, basis_shape_of(state.get(record.weight), for_config(state.config)), None)
             if info is not None:
                 shape, dtype, basis_shape, kept = info
                 before = kept_bytes(shape, dtype, None)[0]
+                kept = before >= state.config.min_saved_bytes if kept is None else kept
                 after = for_config(state.config).kept_bytes(shape, dtype, basis_shape)
                 changes = {"input_shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,
                            "bytes_after": after}  # fmt: skip

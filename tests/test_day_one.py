@@ -345,3 +345,20 @@ def test_from_pretrained_of_a_prepared_class_then_load_state(tmp_path):
     assert want.keys() == got.keys() and all(torch.equal(got[k].basis, want[k].basis) for k in want)
     with pytest.raises(ValueError, match="is not prepared"):
         velora_fx.load_state(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_one_step_is_one_optimizer_step_on_the_fx_route():
+    """The FX route counts by the same rule: 3 micro-batches per optimizer step, 4 steps -> 4."""
+    from .backend_models import TinyMLP
+
+    torch.manual_seed(0)
+    gm = velora_fx.transform(torch.fx.symbolic_trace(TinyMLP(dim=64, hidden=96)),
+                             VeloraConfig(estimator="random", rank=8, refresh_every=2))  # fmt: skip
+    opt = torch.optim.SGD(gm.parameters(), lr=1e-3)
+    for _ in range(4):
+        for _ in range(3):
+            gm(torch.randn(4, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    projs = velora_fx.projections(gm)
+    assert projs and all(p.steps == 4 and p.last_refresh == 2 for p in projs.values()), {n: p.steps for n, p in projs.items()}

@@ -257,10 +257,7 @@ def report(obj: Any) -> Report:
     from . import fx, runtime  # they import this module
 
     records, graphs = runtime.records(obj)
-    fx_records = fx.records(obj)
-    if fx_records and records:  # a transformed GraphModule under torch.compile: the FX route owns its sites
-        owned = {r.weight for r in fx_records}
-        inputs = {r.weight: (r.input_shape, r.dtype) for r in records if r.weight in owned and r.input_shape}
-        fx_records = fx.records(obj, inputs)
-        records = [r for r in records if r.weight not in owned]
-    return Report([*fx_records, *records], graphs)
+    # a transformed GraphModule under torch.compile: the FX route owns its sites, sized with the compiled inputs
+    fx_records = fx.records(obj, {r.weight: (r.input_shape, r.dtype) for r in records if r.input_shape})
+    owned = {r.weight for r in fx_records}
+    return Report([*fx_records, *(r for r in records if r.weight not in owned)], graphs)
