@@ -15,7 +15,8 @@ model that compressed something is saved and loaded through safetensors mid-trai
 loaded copy must equal the original's bit for bit. Every trainable weight is reported; at least 80 % of the examples compress something (asserted over the
 run by the last test of this file).
 
-Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of examples (CI: 8, plus the explicit examples);
+Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of drawn examples (CI: 8; the examples earlier runs found are
+``FOUND``, run by ``tests/test_fuzz_found.py``);
 ``VELORA_FX_FUZZ_EXAMPLES=1000`` is the on-demand run (README.md gives the command and what it found).
 """
 
@@ -32,7 +33,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, example, given, note, settings
+from hypothesis import Phase, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -360,14 +361,25 @@ QUANT_BF16_FLIP_SMALL = ArchSpec(
 )  # fmt: skip
 
 
+#: the examples earlier runs found, with the seed each failed at: ``tests/test_fuzz_found.py`` runs them (beside this
+#: file, on another worker), every time
+FOUND = {
+    "tied_half_compressed": (TIED_HALF_COMPRESSED, 34836),
+    "bf16_deep": (BF16_DEEP, 0),
+    "quant_bf16_flip": (QUANT_BF16_FLIP, 1260),
+    "quant_bf16_flip_small": (QUANT_BF16_FLIP_SMALL, 6317),
+}
+
+
 # No shrinking: every step of it costs an Inductor compile; the failing spec is printed whole (note()).
-@settings(max_examples=MAX_EXAMPLES, phases=(Phase.explicit, Phase.reuse, Phase.generate))
-@example(spec=TIED_HALF_COMPRESSED, seed=34836)
-@example(spec=BF16_DEEP, seed=0)
-@example(spec=QUANT_BF16_FLIP, seed=1260)
-@example(spec=QUANT_BF16_FLIP_SMALL, seed=6317)
+@settings(max_examples=MAX_EXAMPLES, phases=(Phase.reuse, Phase.generate))
 @given(spec=arch_specs(), seed=st.integers(0, 2**16))
 def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
+    check_architecture(spec, seed, note)
+
+
+def check_architecture(spec: ArchSpec, seed: int, note=print) -> None:
+    """The oracle: ``spec``'s model compiled by velora_fx against eager exact training and the formula."""
     note(repr(spec))
     torch._dynamo.reset()  # every example is a new model: no recompile limit, no stale dynamic shapes
     torch.manual_seed(seed)
