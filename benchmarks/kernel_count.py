@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import velora_fx  # noqa: E402
 from tests.backend_models import LlamaStack  # noqa: E402
-from velora_fx import _torch_internals as ti  # noqa: E402
+from tests.helpers import generated_code  # noqa: E402
 
 METHODS = {
     "default": None,
@@ -34,7 +34,7 @@ def kernels(config, device: str = "cpu", dump: Path | None = None, name: str = "
     model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96)).to(device)
     compiled = torch.compile(model, backend=velora_fx.make_backend(config)) if config else torch.compile(model)
     x = torch.randn(2, 16, 64, device=device)
-    sources = ti.generated_code(lambda: compiled(x).pow(2).mean().backward())
+    sources = generated_code(lambda: compiled(x).pow(2).mean().backward())
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{name}.py").write_text("\n\n# ---- next graph ----\n\n".join(sources))

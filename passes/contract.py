@@ -4,7 +4,8 @@ the pass tells back.
 The backend adds one input per projection basis to the Dynamo graph and
 describes every trainable parameter input in a ``ParamSlot``; the pass
 (``passes/joint_graph.py``) plans and rewrites the joint graph from that
-``GraphSpec`` alone, and returns one ``PlannedSite`` per matmul site. A
+``GraphSpec`` and the ``RewriteOptions`` alone (the codec, not the config),
+and returns one ``PlannedSite`` per matmul site. A
 ``PlannedSite`` names weights by *slot*, not by name: the same compiled graph
 serves every instance of a module class, and the runtime renders the record
 with each instance's names (``render``).
@@ -13,12 +14,14 @@ with each instance's names (``render``).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from velora_fx.report import SiteRecord
+from velora_fx.codec import Estimator as Codec
+from velora_fx.records import SiteRecord
 
-__all__ = ["ParamSlot", "GraphSpec", "PlannedSite", "escape"]
+__all__ = ["ParamSlot", "GraphSpec", "RewriteOptions", "PlannedSite", "escape"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,23 @@ class GraphSpec:
         """What the rewrite depends on: neither the graph's name nor the weights' names (records are rendered)."""
         slots = [dataclasses.replace(s, name="") for s in self.slots]
         return {"num_inputs": self.num_inputs, "slots": [dataclasses.asdict(s) for s in slots]}
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """How the pass rewrites: the codec (what forward keeps, how backward forms ``dW``), the scale of ``dW``, the
+    smallest stored input worth compressing, and ``key``: everything the rewrite depends on as JSON-able data (the
+    config's ``to_dict()``), for the cache key."""
+
+    codec: Codec
+    scale: float
+    min_saved_bytes: int
+    key: Any
+
+    def codec_sources(self) -> tuple[str, ...]:
+        """The source files of the codec's classes (inlined into the graph: a cache key must cover them)."""
+        modules = dict.fromkeys(c.__module__ for c in type(self.codec).__mro__ if c.__module__.startswith("velora_fx"))
+        return tuple(sys.modules[m].__file__ for m in modules)
 
 
 def escape(text: str) -> str:

@@ -10,13 +10,12 @@ is an input, ``v_t`` an output.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.fx
 
-from velora_fx.ops import refreshed_direction
 from velora_fx.passes.contract import ParamSlot
-from velora_fx.passes.joint_graph import DIRECTION_OP
+from velora_fx.passes.direction_op import DIRECTION_OP
 
 __all__ = ["insert_direction_refresh"]
 
@@ -26,6 +25,7 @@ def insert_direction_refresh(
     slots: Sequence[ParamSlot],
     uses: dict[int, list[tuple[torch.fx.Node, torch.fx.Node]]],
     basis_inputs: dict[int, torch.fx.Node],
+    refreshed_direction: Callable[..., torch.Tensor],
     ema_decay: Optional[float],
 ) -> int:
     """Compute, mark and return this step's direction of every basis input; returns how many outputs were added.
@@ -35,6 +35,7 @@ def insert_direction_refresh(
         slots: the parameter slots; a slot with a ``basis_primal`` and no ``leader`` owns a basis input.
         uses: per slot primal, its ``(matmul, input)`` pairs in the original graph (matched here by name).
         basis_inputs: basis input position -> its placeholder in ``gm``.
+        refreshed_direction: ``(v, x, ema_decay) -> v_t``, the function the graph calls (``ops.refreshed_direction``).
         ema_decay: ``None`` for ``batch_average``, the decay for ``ema``.
     """
     by_name = {n.name: n for n in gm.graph.nodes}

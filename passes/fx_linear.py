@@ -16,7 +16,9 @@ Plan, then apply:
 * ``apply`` inserts, per compressed input, ``p = velora_fx.fx.project(state,
   x, W)`` before its first site, and replaces each site by
   ``velora_fx.fx.linear(state, x, p, W, b)``; ``state`` is the model's
-  ``ProjectionState`` (``gm.velora_fx``), whose projections it creates.
+  ``ProjectionState`` (``gm.velora_fx``). What the graph calls and how a
+  projection is bound is the FX route's (``FxRuntime``, from
+  ``velora_fx/fx.py``): this pass knows no state.
 
 Every decided node carries ``node.meta[META_KEY]["record"]`` (a
 ``SiteRecord``), so a second run finds nothing new and reports
@@ -25,22 +27,19 @@ Every decided node carries ``node.meta[META_KEY]["record"]`` (a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from velora_fx.config import VeloraConfig
-from velora_fx.estimators import for_config
+from velora_fx.codec import Estimator
 from velora_fx.passes.sites import META_KEY, is_transpose_2d, torch_site
-from velora_fx.report import COMPRESSED, SKIPPED, SiteRecord, kept_bytes
-from velora_fx.state import CONTAINER, ProjectionState, check_estimator, watch_steps
+from velora_fx.records import COMPRESSED, SKIPPED, SiteRecord
 
-__all__ = ["Site", "plan", "apply", "velora_linear_pass", "records", "GRAPH_NAME"]
+__all__ = ["Site", "FxRuntime", "plan", "apply", "velora_linear_pass", "GRAPH_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,16 @@ class Site:
     @property
     def features(self) -> int:
         return self.weight.shape[1] if self.weight_is_out_by_in else self.weight.shape[0]
+
+
+@dataclass(frozen=True)
+class FxRuntime:
+    """What the rewritten graph calls, and how a site's projection is made: given by the FX route."""
+
+    state_attr: str  # the GraphModule's attribute holding the state, read with get_attr
+    project: Callable[..., Any]  # project(state, x, W, *, name, site) -> p
+    linear: Callable[..., Any]  # linear(state, x, p, W, b, *, name, site, weight_is_out_by_in)
+    bind: Callable[[str, str, int], None]  # bind(weight, leader, D): create or check the projections
 
 
 def _get_attr_param(gm: fx.GraphModule, node: Any) -> Optional[tuple[str, torch.Tensor]]:
@@ -116,7 +125,7 @@ def candidate(gm: fx.GraphModule, node: fx.Node) -> Optional[Site]:
     return None
 
 
-def _why_skipped(site: Site, config: VeloraConfig) -> Optional[str]:
+def _why_skipped(site: Site, codec: Estimator, excluded: Callable[[str], str]) -> Optional[str]:
     if site.unsupported:
         return f"unsupported form: {site.unsupported}"
     weight = site.weight
@@ -126,7 +135,7 @@ def _why_skipped(site: Site, config: VeloraConfig) -> Optional[str]:
         return "frozen weight (requires_grad=False): nothing is kept for dW"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    return config.why_excluded(site.weight_name) or for_config(config).basis_shape(site.features)[1] or None
+    return excluded(site.weight_name) or codec.basis_shape(site.features)[1] or None
 
 
 # -- plan / apply -----------------------------------------------------------------------------
@@ -140,20 +149,21 @@ class Decision:
     group: Optional[int] = None  # sites of one input and one leader keep one p
 
 
-def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[Decision]:
-    """Every undecided candidate of ``gm`` with its decision; the graph is not changed."""
+def plan(gm: fx.GraphModule, codec: Estimator, excluded: Callable[[str], str]) -> list[Decision]:
+    """Every undecided candidate of ``gm`` with its decision; the graph is not changed. ``excluded(weight)``: why
+    the config leaves a weight exact ("" if it does not)."""
     sites = []
     for node in gm.graph.nodes:
         if "record" in node.meta.get(META_KEY, {}):
             continue
         site = candidate(gm, node)
         if site is not None:
-            sites.append((site, _why_skipped(site, config)))
+            sites.append((site, _why_skipped(site, codec, excluded)))
     by_input: dict[Any, list[tuple[Site, Optional[str]]]] = {}
     for site, reason in sites:
         if isinstance(site.x, fx.Node):
             by_input.setdefault(site.x, []).append((site, reason))
-    estimator = for_config(config)
+    estimator = codec
     decisions = []
     for site, reason in sites:
         group = by_input.get(site.x, [(site, reason)])
@@ -186,21 +196,10 @@ def plan(gm: fx.GraphModule, config: VeloraConfig) -> list[Decision]:
     return decisions
 
 
-def state_of(gm: fx.GraphModule) -> ProjectionState:
-    found = gm._modules.get(CONTAINER)
-    if not isinstance(found, ProjectionState):
-        raise ValueError(f"velora_fx: {type(gm).__name__} has no {CONTAINER!r} state; velora_fx.prepare it first")
-    return found
-
-
-def apply(gm: fx.GraphModule, decisions: list[Decision], config: VeloraConfig) -> bool:
+def apply(gm: fx.GraphModule, decisions: list[Decision], runtime: FxRuntime) -> bool:
     """Rewrite the compressed sites of ``decisions``; tag every decided node. Returns whether anything changed."""
-    from velora_fx import fx as runtime  # what the rewritten graph calls
-
     if not decisions:
         return False
-    state = state_of(gm)
-    estimator = for_config(config)
     graph = gm.graph
     groups: dict[int, list[Decision]] = {}
     for d in decisions:  # in graph order: a group's first decision is its first site
@@ -211,13 +210,13 @@ def apply(gm: fx.GraphModule, decisions: list[Decision], config: VeloraConfig) -
         # resolved afresh: rewriting an earlier site replaces the node that is this site's input
         lead = candidate(gm, members[0].site.node)
         with graph.inserting_before(lead.node):
-            state_node = graph.get_attr(CONTAINER)
+            state_node = graph.get_attr(runtime.state_attr)
             weight = lead.weight_node if lead.weight_node is not None else graph.get_attr(lead.weight_name)
             p = graph.call_function(runtime.project, (state_node, lead.x, weight),
                                     {"name": members[0].leader, "site": lead.node.name})  # fmt: skip
         for d in members:
             site = candidate(gm, d.site.node)
-            _ensure_projection(state, site, d.leader, estimator, gm)
+            runtime.bind(site.weight_name, d.leader, site.features)
             with graph.inserting_before(site.node):
                 weight = site.weight_node if site.weight_node is not None else graph.get_attr(site.weight_name)
                 bias = graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
@@ -238,84 +237,10 @@ def apply(gm: fx.GraphModule, decisions: list[Decision], config: VeloraConfig) -
     return True
 
 
-def _ensure_projection(state: ProjectionState, site: Site, leader: str, estimator, gm: fx.GraphModule) -> None:
-    """Create the projection of ``site``'s weight (and of its leader's), shared as the plan says."""
-    basis_shape = estimator.basis_shape(site.features)[0]
-    shape = estimator.state_shape(basis_shape)
-    for name in (leader, site.weight_name):
-        entry = state.get(name)
-        if entry is None:  # a follower's own state is never used (it shares its leader's): it starts empty
-            basis, step = estimator.initial(basis_shape, name)
-            if name != leader:
-                basis = torch.zeros_like(basis)
-            entry = state.create(name, estimator.field, basis.to(gm.get_parameter(name).device), step, estimator.name)
-        elif tuple(entry._basis.shape) != shape:
-            raise ValueError(
-                f"velora_fx.transform: the projection of {name} ({CONTAINER}.{name}.{entry.field}) has shape "
-                f"{tuple(entry._basis.shape)} but this config needs {shape}; transform with the config it was "
-                "trained with"
-            )
-        else:
-            check_estimator(entry, estimator.name, f"{CONTAINER}.{name}.{entry.field}")
-    if leader != site.weight_name:
-        state.get(site.weight_name).share(state.get(leader))
-    watch_steps(gm.get_parameter(site.weight_name), state.get(leader))
-
-
-def velora_linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
+def velora_linear_pass(gm: fx.GraphModule, codec: Estimator, excluded: Callable[[str], str],
+                       runtime: FxRuntime) -> PassResult:  # fmt: skip
     """The FX route as a pass: ``gm -> PassResult``; idempotent (a second run reports ``modified=False``)."""
-    decisions = plan(gm, config)
+    decisions = plan(gm, codec, excluded)
     for d in decisions:
         log.info("velora_fx: %s %s (%s): %s", d.record.status, d.record.node, d.record.weight, d.record.reason)
-    return PassResult(gm, apply(gm, decisions, config))
-
-
-def basis_shape_of(entry, est) -> tuple[int, int]:
-    """The ``(d, r)`` of an entry's estimator (a traced codec's from its config; its state is only a key)."""
-    if est.traced:
-        return est.basis_shape(0)[0]
-    basis = entry.basis
-    return basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]
-
-
-def records(gm: fx.GraphModule, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRecord]:
-    """The decisions recorded in ``gm``'s graph, sized with the inputs seen so far.
-
-    Sites that share one input (q/k/v projections of one normed tensor) count
-    its bytes once, on the first of them, and its ``p`` once.
-    """
-    state = gm._modules.get(CONTAINER)
-    state = state if isinstance(state, ProjectionState) else None
-    seen = state.fx_inputs if state is not None else {}
-    out = []
-    first_user: dict[Any, str] = {}
-    for node in gm.graph.nodes:
-        record = node.meta.get(META_KEY, {}).get("record")
-        if record is None:
-            continue
-        if record.status == COMPRESSED:
-            changes: dict[str, Any] = {}
-            info = seen.get(record.node)
-            if info is None and state is not None and record.weight in (inputs or {}) and record.weight in state:
-                shape, dtype = inputs[record.weight]  # seen by the compile backend: torch.compile runs this graph
-                dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-                info = (shape, dtype, basis_shape_of(state.get(record.weight), for_config(state.config)), None)
-            if info is not None:
-                shape, dtype, basis_shape, kept = info
-                before = kept_bytes(shape, dtype, None)[0]
-                kept = before >= state.config.min_saved_bytes if kept is None else kept
-                after = for_config(state.config).kept_bytes(shape, dtype, basis_shape)
-                changes = {"input_shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,
-                           "bytes_after": after}  # fmt: skip
-                if not kept:
-                    changes.update(status=SKIPPED, bytes_after=before, reason=f"below min_saved_bytes ({before} bytes)")
-                elif node.args[1] in first_user:
-                    changes.update(bytes_before=0)  # counted on the first site reading the input
-                    if node.args[2].kwargs["site"] != record.node:  # p counted on the site that computed it
-                        changes["bytes_after"] = 0
-                first_user.setdefault(node.args[1], record.node)
-            if state is not None and record.weight in state:
-                changes["last_refresh"] = state.get(record.weight).last_refresh
-            record = dataclasses.replace(record, **changes)
-        out.append(record)
-    return out
+    return PassResult(gm, apply(gm, decisions, runtime))

@@ -105,3 +105,21 @@ def patched_with_velora_linear(model: nn.Module, vs: dict[str, torch.Tensor], sc
 
 def assert_close(a, b, what=""):
     torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1.0, float(b.abs().max())), msg=lambda m: f"{what}: {m}")
+
+
+# -- test-only views of torch internals (the library's own go through velora_fx/_torch_internals.py) ------------
+
+
+def generated_code(fn) -> list[str]:
+    """The source of every graph Inductor compiles while running ``fn()`` (its test utility ``run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    _, code = run_and_get_code(fn)
+    return list(code)
+
+
+def aot_cache_hits() -> int:
+    """How many AOTAutograd cache hits this process has had."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["aot_autograd"]["autograd_cache_hit"])

@@ -25,7 +25,9 @@ from torch import nn
 import velora_fx
 from velora_fx import VeloraConfig, ops
 from velora_fx import _torch_internals as ti
+from velora_fx.compile_backend import rewrite_options
 from velora_fx.passes import joint_graph as jg
+from velora_fx.passes import joint_plan, joint_rewrite
 from velora_fx.passes.contract import GraphSpec
 from velora_fx.passes.sites import META_KEY
 from velora_fx.report import COMPRESSED, SKIPPED
@@ -33,6 +35,8 @@ from velora_fx.runtime import CompiledGraph
 
 from .backend_models import BrokenStack, LlamaStack, TiedLM, TinyMLP
 from .helpers import (
+    aot_cache_hits,
+    generated_code,
     ATOL,
     RTOL,
     Run,
@@ -193,9 +197,9 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
     assert len(xs) == 6  # per block: the q/k/v input, the gate/up input, the down_proj input
     projections = [n for n in g.after.nodes if n.meta.get(META_KEY, {}).get("role") == "project"]
     assert {n.args[0] for n in projections if n.target is torch.ops.aten.constant_pad_nd.default} == xs  # padded
-    fw = jg._forward_nodes(g.after, ti.joint_layout(g.after).forward_outputs)
+    fw = joint_plan._forward_nodes(g.after, ti.joint_layout(g.after).forward_outputs)
     for x in xs:  # only the inserted projection reads X outside the forward; no weight gradient does
-        others = [u for u, _ in jg._backward_uses(x, fw) if u.meta.get(META_KEY, {}).get("role") != "project"]
+        others = [u for u, _ in joint_plan._backward_uses(x, fw) if u.meta.get(META_KEY, {}).get("role") != "project"]
         assert others == [], x.format_node()
     # one p per stored tensor: the weights reading it share v (NOTE [one v per input])
     assert len([n for n in projections if n.target is torch.ops.aten.mm.default]) == len(xs)
@@ -222,7 +226,7 @@ def test_stack_no_weight_gradient_reads_a_compressed_input(stack):
     # every weight gradient here is an mm of views of X: served from p without rebuilding x̂
     assert not [n for n in g.after.nodes if n.meta.get(META_KEY, {}).get("role") == "reconstruct"]
     # the pass is idempotent: planning the rewritten graph finds nothing more to do
-    again = jg.plan_joint_graph(g.after, g.spec, STACK_CFG)
+    again = jg.plan_joint_graph(g.after, g.spec, rewrite_options(STACK_CFG))
     assert not again.groups
 
 
@@ -350,7 +354,7 @@ def test_plan_invariants_for_any_config(stack, groups, exclude, min_bytes):
     cfg = VeloraConfig(num_groups=groups, exclude=tuple(exclude), min_saved_bytes=min_bytes)
     spec = _respec(g.spec, cfg)
     graph = _graph_for(g.before, spec)
-    plan = jg.plan_joint_graph(graph, spec, cfg)
+    plan = jg.plan_joint_graph(graph, spec, rewrite_options(cfg))
     records = _records(plan, spec)
     assert len(records) == 14
     for r in records:
@@ -369,19 +373,19 @@ def test_plan_invariants_for_any_config(stack, groups, exclude, min_bytes):
             assert len(statuses) == 1, (block, group, statuses)
     if min_bytes > 10**5:
         assert not plan.groups
-    changed = jg.apply_joint_plan(graph, plan, spec, cfg)
+    changed = jg.apply_joint_plan(graph, plan, spec, rewrite_options(cfg))
     assert changed == bool(plan.groups or plan.markers)
     graph.lint()
-    fw = jg._forward_nodes(graph, ti.joint_layout(graph).forward_outputs)
+    fw = joint_plan._forward_nodes(graph, ti.joint_layout(graph).forward_outputs)
     for x in plan.groups:
-        assert all(u.meta[META_KEY]["role"] == "project" for u, _ in jg._backward_uses(x, fw))
+        assert all(u.meta[META_KEY]["role"] == "project" for u, _ in joint_plan._backward_uses(x, fw))
 
 
 def test_excluded_input_sharer_keeps_the_shared_input_exact(stack):
     (g,) = stack.graphs
     cfg = VeloraConfig(num_groups=8, exclude=("*.k_proj.weight",))
     spec = _respec(g.spec, cfg)
-    records = _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, cfg), spec)
+    records = _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, rewrite_options(cfg)), spec)
     q = [r for r in records if r.weight.endswith("q_proj.weight")]
     assert all(r.status == SKIPPED and "k_proj" in r.reason for r in q)
     down = [r for r in records if r.weight.endswith("down_proj.weight")]
@@ -392,7 +396,7 @@ def test_too_small_features_are_skipped_with_reason(stack):
     (g,) = stack.graphs
     cfg = VeloraConfig(num_groups=80)  # > 64: only down_proj (D=96) can be split
     spec = _respec(g.spec, cfg)
-    for r in _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, cfg), spec):
+    for r in _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, rewrite_options(cfg)), spec):
         if r.weight.endswith("down_proj.weight"):
             assert r.status == COMPRESSED
         else:
@@ -401,10 +405,10 @@ def test_too_small_features_are_skipped_with_reason(stack):
 
 def test_pass_uuid_covers_config_and_slots(stack):
     (g,) = stack.graphs
-    a = jg.VeloraJointPass(g.spec, STACK_CFG).uuid()
-    assert a == jg.VeloraJointPass(g.spec, VeloraConfig.from_dict(STACK_CFG.to_dict())).uuid()
-    assert a != jg.VeloraJointPass(g.spec, dataclasses.replace(STACK_CFG, scale=1.0)).uuid()
-    assert a != jg.VeloraJointPass(_respec(g.spec, VeloraConfig(num_groups=8)), STACK_CFG).uuid()
+    a = jg.VeloraJointPass(g.spec, rewrite_options(STACK_CFG)).uuid()
+    assert a == jg.VeloraJointPass(g.spec, rewrite_options(VeloraConfig.from_dict(STACK_CFG.to_dict()))).uuid()
+    assert a != jg.VeloraJointPass(g.spec, rewrite_options(dataclasses.replace(STACK_CFG, scale=1.0))).uuid()
+    assert a != jg.VeloraJointPass(_respec(g.spec, VeloraConfig(num_groups=8)), rewrite_options(STACK_CFG)).uuid()
     assert isinstance(a, str) and len(a) == 64
 
 
@@ -677,10 +681,10 @@ def test_cache_hit_is_still_rewritten(tmp_path, monkeypatch):
         torch._dynamo.reset()
         _, cold = saved_bytes_step(torch.compile(copy.deepcopy(model), backend=velora_fx.make_backend(cfg)), x)
         torch._dynamo.reset()
-        hits = ti.aot_cache_hits()
+        hits = aot_cache_hits()
         warm_model = copy.deepcopy(model)
         _, warm = saved_bytes_step(torch.compile(warm_model, backend=velora_fx.make_backend(cfg)), x)
-        assert ti.aot_cache_hits() > hits
+        assert aot_cache_hits() > hits
         torch._dynamo.reset()
         _, default = saved_bytes_step(torch.compile(copy.deepcopy(model)), x)
     assert warm == cold < default
@@ -702,9 +706,9 @@ def test_rewritten_graphs_generate_no_more_kernels_than_the_default_ones():
     default_model = copy.deepcopy(model)
     x = torch.randn(2, 16, 64)
     with ti.compile_caches(False):
-        velora_code = ti.generated_code(lambda: saved_bytes_step(
+        velora_code = generated_code(lambda: saved_bytes_step(
             torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8))), x))
-        default_code = ti.generated_code(lambda: saved_bytes_step(torch.compile(default_model), x))
+        default_code = generated_code(lambda: saved_bytes_step(torch.compile(default_model), x))
     assert len(velora_fx.report(model).compressed) == 6
     assert 0 < _generated_kernels(velora_code) <= _generated_kernels(default_code)
 
@@ -715,7 +719,7 @@ def test_a_failing_rewrite_leaves_the_graph_exact(stack, monkeypatch, caplog):
     graph = copy.deepcopy(g.before)
     code = torch.fx.GraphModule(torch.nn.Module(), graph).code
     calls = []
-    original = jg._weight_grad_from_p
+    original = joint_rewrite._weight_grad_from_p
 
     def fail_on_the_third(*args):
         calls.append(1)
@@ -723,9 +727,9 @@ def test_a_failing_rewrite_leaves_the_graph_exact(stack, monkeypatch, caplog):
             raise RuntimeError("boom")
         return original(*args)
 
-    monkeypatch.setattr(jg, "_weight_grad_from_p", fail_on_the_third)
+    monkeypatch.setattr(joint_rewrite, "_weight_grad_from_p", fail_on_the_third)
     with caplog.at_level(logging.WARNING, logger="velora_fx"):
-        result, plan = jg.velora_joint_pass(graph, g.spec, STACK_CFG)
+        result, plan = jg.velora_joint_pass(graph, g.spec, rewrite_options(STACK_CFG))
     assert len(calls) == 3 and not result.modified and not plan.sites
     assert "rewriting graph" in caplog.text and "stays exact" in caplog.text
     assert torch.fx.GraphModule(torch.nn.Module(), graph).code == code
@@ -739,7 +743,7 @@ def test_a_graph_without_descriptors_stays_exact(stack, caplog):
     for node in graph.find_nodes(op="placeholder"):
         node.meta.pop("desc", None)
     with caplog.at_level(logging.WARNING, logger="velora_fx"):
-        result, _ = jg.velora_joint_pass(graph, g.spec, STACK_CFG)
+        result, _ = jg.velora_joint_pass(graph, g.spec, rewrite_options(STACK_CFG))
     assert not result.modified and "no AOTAutograd descriptor" in caplog.text
 
 
@@ -747,10 +751,10 @@ def test_the_rewritten_graph_is_not_printed_unless_debugging(stack, monkeypatch,
     (g,) = stack.graphs
     printed = []
     monkeypatch.setattr(torch.fx.Graph, "__str__", lambda self: printed.append(1) or "graph")
-    jg.VeloraJointPass(g.spec, STACK_CFG)(copy.deepcopy(g.before))
+    jg.VeloraJointPass(g.spec, rewrite_options(STACK_CFG))(copy.deepcopy(g.before))
     assert not printed
     caplog.set_level(logging.DEBUG, logger="velora_fx.passes.joint_graph")
-    jg.VeloraJointPass(g.spec, STACK_CFG)(copy.deepcopy(g.before))
+    jg.VeloraJointPass(g.spec, rewrite_options(STACK_CFG))(copy.deepcopy(g.before))
     assert printed and "rewritten joint graph of graph" in caplog.text
 
 

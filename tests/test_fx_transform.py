@@ -14,7 +14,6 @@ from torch import fx, nn
 
 import velora_fx
 from velora_fx import VeloraConfig, ops
-from velora_fx.passes import fx_linear
 
 from .capture import reference_step, velora_dw
 from .models import MLP, FunctionalNet, LlamaBlock, LlamaStack
@@ -116,7 +115,7 @@ def test_graph_structure_and_idempotence():
     ]
     assert "frozen weight" in rep.skipped[0].reason
     code = gm.code
-    result = fx_linear.velora_linear_pass(gm, VeloraConfig(num_groups=8))
+    result = velora_fx.fx.linear_pass(gm, VeloraConfig(num_groups=8))
     assert not result.modified and gm.code == code
     assert velora_fx.transform(gm, VeloraConfig(num_groups=8)) is gm
     assert [(r.weight, r.status) for r in velora_fx.report(gm)] == [(r.weight, r.status) for r in rep]  # not doubled

@@ -18,6 +18,7 @@ import torch
 import velora_fx
 from velora_fx import VeloraConfig
 from velora_fx import _torch_internals as ti
+from velora_fx.compile_backend import rewrite_options
 from velora_fx.passes import joint_graph as jg
 from velora_fx.passes.contract import GraphSpec
 
@@ -74,7 +75,7 @@ def test_velora_keeps_fewer_bytes_than_default_and_projections_are_counted(runs)
 
 def test_budget_is_part_of_the_pass_uuid():
     spec = GraphSpec("g", 1, ())
-    ids = {jg.VeloraJointPass(spec, VeloraConfig(memory_budget=b)).uuid() for b in BUDGETS}
+    ids = {jg.VeloraJointPass(spec, rewrite_options(VeloraConfig(memory_budget=b))).uuid() for b in BUDGETS}
     assert len(ids) == len(BUDGETS)
 
 

@@ -15,9 +15,10 @@ coordinate at a few bits (``VeloraConfig(estimator=velora_fx.Quantized(bits=2))`
 
 from .config import INIT_MODES, Quantized, VeloraConfig
 from .state import Projection, load_state, prepare, projections
-from .fx import calibrate, transform
+from .fx import transform
 from .ops import project, reconstruct, velora_linear
 from .report import Report, SiteRecord, report
+from .calibration import calibrate
 from .compile_backend import backend, make_backend
 
 __all__ = [

@@ -31,17 +31,16 @@ __all__ = [
     "is_fake",
     "optimized_module_type",
     "unwrap_optimized_module",
+    "COMPILED_SEGMENT",
     "cache_dir",
     "stable_topological_sort",
     "compile_caches",
-    "aot_cache_hits",
     "compile_caches_enabled",
     "JointLayout",
     "joint_layout",
     "snapshot_graph",
     "restore_graph",
     "memory_budget_patch",
-    "generated_code",
     "with_custom_passes",
     "saved_for_backward",
     "input_positions",
@@ -194,9 +193,13 @@ def optimized_module_type() -> type:
     return OptimizedModule
 
 
+#: the attribute under which ``torch.compile(module)`` keeps the module: a segment of the names it gives
+COMPILED_SEGMENT = "_orig_mod"
+
+
 def unwrap_optimized_module(obj: Any) -> Any:
     """The user's module behind ``torch.compile(module)``; ``obj`` itself otherwise."""
-    return getattr(obj, "_orig_mod", obj) if isinstance(obj, optimized_module_type()) else obj
+    return getattr(obj, COMPILED_SEGMENT, obj) if isinstance(obj, optimized_module_type()) else obj
 
 
 def cache_dir() -> str:
@@ -233,13 +236,6 @@ def compile_caches_enabled() -> bool:
     import torch._inductor.config as inductor_config
 
     return bool(inductor_config.fx_graph_cache or functorch_config.enable_autograd_cache)
-
-
-def aot_cache_hits() -> int:
-    """How many AOTAutograd cache hits this process has had."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["aot_autograd"]["autograd_cache_hit"])
 
 
 # -- the joint graph, as AOTAutograd describes it -------------------------------------------------------
@@ -372,14 +368,6 @@ def memory_budget_patch(budget: Optional[float]) -> contextlib.AbstractContextMa
     if budget is None:
         return contextlib.nullcontext()
     return functorch_config.patch(activation_memory_budget=budget)
-
-
-def generated_code(fn: Callable[[], Any]) -> list[str]:
-    """The source of every graph Inductor compiles while running ``fn()`` (its test utility ``run_and_get_code``)."""
-    from torch._inductor.utils import run_and_get_code
-
-    _, code = run_and_get_code(fn)
-    return list(code)
 
 
 def is_tangent(node: torch.fx.Node) -> bool:

@@ -26,16 +26,18 @@ import torch.fx
 
 from velora_fx import _torch_internals as ti
 from velora_fx import dynamo_graph, partition_summary, plan_store
+from velora_fx.codec import Estimator
 from velora_fx.config import VeloraConfig
-from velora_fx.estimators import Estimator, for_config
-from velora_fx.passes.contract import GraphSpec, ParamSlot
-from velora_fx.passes.dynamo_graph import insert_direction_refresh
+from velora_fx.estimators import for_config
+from velora_fx.ops import refreshed_direction
 from velora_fx.partition_summary import ForwardSummary, JointOutline
+from velora_fx.passes.contract import GraphSpec, ParamSlot, RewriteOptions
+from velora_fx.passes.dynamo_graph import insert_direction_refresh
 from velora_fx.passes.joint_graph import VeloraJointPass
 from velora_fx.runtime import CompiledGraph, distributed
 from velora_fx.state import find_owner
 
-__all__ = ["VeloraBackend", "make_backend", "backend"]
+__all__ = ["VeloraBackend", "make_backend", "backend", "rewrite_options"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class VeloraBackend:
             basis_at = {num_inputs + j: node for j, node in enumerate(basis_nodes)}
             uses_by_primal = {i: u.uses for i, u in uses.items()}
             decay = config.ema_decay if config.init == "ema" else None
-            n_refresh = insert_direction_refresh(new_gm, slots, uses_by_primal, basis_at, decay)
+            n_refresh = insert_direction_refresh(new_gm, slots, uses_by_primal, basis_at, refreshed_direction, decay)
         spec = GraphSpec(name, num_inputs + len(new_inputs), tuple(slots))
         parameters = {i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))
                       if isinstance(ti.placeholder_example(n), torch.nn.Parameter)}  # fmt: skip
@@ -130,12 +132,19 @@ def _slots(params, uses, config: VeloraConfig, estimator: Estimator, num_inputs:
     return slots, new_inputs
 
 
+def rewrite_options(config: VeloraConfig) -> RewriteOptions:
+    """What the joint-graph pass needs of ``config``: its codec, scale and ``min_saved_bytes`` (the passes do not
+    read configs)."""
+    return RewriteOptions(codec=for_config(config), scale=config.scale, min_saved_bytes=config.min_saved_bytes,
+                          key=config.to_dict())  # fmt: skip
+
+
 def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraConfig, parameters: set[int]):
     """Inductor's compile with the joint-graph pass and the partition summary; the plan and the summary from the
     passes, or from the store on a compile-cache hit (where they do not run)."""
 
     def compile_once(caches: bool):
-        joint_pass = VeloraJointPass(spec, config)
+        joint_pass = VeloraJointPass(spec, rewrite_options(config))
         outline = JointOutline()
         summary = ForwardSummary(spec.name, outline, parameters, config.memory_budget)
         passes = ti.with_custom_passes(joint_custom_pre_pass=joint_pass, joint_custom_post_pass=outline,
@@ -144,7 +153,7 @@ def _compile_with_pass(gm, examples, patches, spec: GraphSpec, config: VeloraCon
             return ti.compile_fx(gm, examples, patches), joint_pass, summary
 
     # the plan and the summary are stored together: the key covers what produces either
-    uuid = VeloraJointPass(spec, config).uuid() + partition_summary.sources_uuid()
+    uuid = VeloraJointPass(spec, rewrite_options(config)).uuid() + partition_summary.sources_uuid()
     key = plan_store.graph_key(gm, examples, uuid)
     compiled, joint_pass, summary = compile_once(caches=ti.compile_caches_enabled())
     if joint_pass.plan is None or not summary.ran:

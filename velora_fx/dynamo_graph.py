@@ -107,5 +107,5 @@ def source_name(node: torch.fx.Node) -> str:
     if not isinstance(name, str):
         return node.name
     parts = [a or b for a, b in _SOURCE_KEY.findall(name)]
-    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers", "self", "_orig_mod")]
+    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers", "self", ti.COMPILED_SEGMENT)]
     return ".".join(parts) or name

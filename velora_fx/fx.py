@@ -20,17 +20,18 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from velora_fx.passes import fx_linear
-from velora_fx.passes.fx_linear import basis_shape_of as _basis_shape
+from velora_fx.passes.sites import META_KEY
 
-from . import ops
+from . import lifecycle, ops
 from .config import VeloraConfig
 from .estimators import for_config
-from .report import Report, SiteRecord, report
+from .records import COMPRESSED, SKIPPED, SiteRecord, input_bytes
 from .state import CONTAINER, ProjectionState, prepare, strip_compiled
 
-__all__ = ["transform", "calibrate", "project", "linear"]
+__all__ = ["transform", "project", "linear", "records", "calibrating"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,8 @@ def _plain(x, weight, bias, weight_is_out_by_in: bool) -> torch.Tensor:
 def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) -> None:
     entry, est = state.get(name), for_config(state.config)
     basis_shape = _basis_shape(entry, est)
-    x2d = x.detach().reshape(-1, x.shape[-1])
-    total, count = est.statistics(x2d, basis_shape)
-    basis = est.calibrated(total, count, f"weight {name!r} (graph node {site!r})", basis_shape)
-    if basis is not None:
-        entry.set_basis(basis)
-    log.debug("velora_fx: calibrated the projection of %s from a %s input at %s", name, tuple(x.shape), site)
+    total, count = lifecycle.statistics(est, entry, x.reshape(-1, x.shape[-1]), basis_shape, refreshing=False)
+    lifecycle.calibrate(entry, est, total, count, basis_shape, f"weight {name!r} (graph node {site!r})")
 
 
 @torch.compiler.disable(reason="velora_fx counts training steps for refresh_every in Python; the compile backend "
@@ -71,14 +68,11 @@ def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) ->
 def _advance(state: ProjectionState, name: str, x: torch.Tensor) -> None:
     """Count a training step of ``name``'s projection; refresh it (from ``x``, or by re-seeding) when one is due."""
     entry, est = state.get(name), for_config(state.config)
-    index = entry.tick(est.refresh_every)
-    if index is None or not entry.calibrated:
-        return
-    if est.refresh_needs_data:
-        total, count = est.refresh_statistics(x.detach().reshape(-1, x.shape[-1]), entry.basis)
-        entry.set_basis(est.refreshed(entry.basis.cpu(), total.cpu(), count, name, index))
-    else:
-        entry.set_basis(est.refreshed(entry.basis.cpu(), None, 0, name, index))
+    index = lifecycle.begin_step(entry, est)
+    if index is not None:
+        x2d = x.reshape(-1, x.shape[-1])
+        total, count = lifecycle.statistics(est, entry, x2d, _basis_shape(entry, est), refreshing=True)
+        lifecycle.refresh(entry, est, index, total, count)
 
 
 def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, name: str, site: str) -> Optional[torch.Tensor]:
@@ -175,8 +169,35 @@ def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.G
             f"again with {config} would mix two configs. Transform a fresh trace of the model instead."
         )
     prepare(gm).velora_fx.config = config  # what the ops of the rewritten graph read (scale, init, ...)
-    fx_linear.velora_linear_pass(gm, config)
+    linear_pass(gm, config)
     return gm
+
+
+def linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
+    """``passes/fx_linear.py`` on a prepared ``gm`` with ``config``'s codec and this route's ops; idempotent."""
+    return fx_linear.velora_linear_pass(gm, for_config(config), config.why_excluded, _runtime(gm))
+
+
+def _runtime(gm: fx.GraphModule) -> fx_linear.FxRuntime:
+    """What ``gm``'s rewritten graph calls, and how its projections are bound (``lifecycle.bind``)."""
+
+    def bind(weight: str, leader: str, features: int) -> None:
+        state = _state_of(gm)
+        codec = for_config(state.config)
+        basis_shape = codec.basis_shape(features)[0]
+        how = {"route": "transform's", "fix": "transform with the config it was trained with"}
+        lead = lifecycle.bind(gm.get_parameter(leader), leader, state, codec, basis_shape, features, **how)
+        if weight != leader:
+            lifecycle.bind(gm.get_parameter(weight), weight, state, codec, basis_shape, features, leader=lead, **how)
+
+    return fx_linear.FxRuntime(state_attr=CONTAINER, project=project, linear=linear, bind=bind)
+
+
+def _state_of(gm: fx.GraphModule) -> ProjectionState:
+    found = gm._modules.get(CONTAINER)
+    if not isinstance(found, ProjectionState):
+        raise ValueError(f"velora_fx: {type(gm).__name__} has no {CONTAINER!r} state; velora_fx.prepare it first")
+    return found
 
 
 def records(obj: Any, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRecord]:
@@ -192,32 +213,56 @@ def records(obj: Any, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRec
         if isinstance(module, fx.GraphModule) and isinstance(module._modules.get(CONTAINER), ProjectionState):
             prefix = f"{strip_compiled(path)}." if strip_compiled(path) else ""
             local = {w[len(prefix):]: v for w, v in (inputs or {}).items() if w.startswith(prefix)}
-            out.extend(dataclasses.replace(r, weight=prefix + r.weight) for r in fx_linear.records(module, local))
+            out.extend(dataclasses.replace(r, weight=prefix + r.weight) for r in _records(module, local))
     return out
 
 
-def calibrate(module: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Report:
-    """Calibrate every uncalibrated projection of a transformed ``module`` from one batch, explicitly.
+def _basis_shape(entry, est) -> tuple[int, int]:
+    """The ``(d, r)`` of an entry's estimator (a traced codec's from its config; its state is only a key)."""
+    if est.traced:
+        return est.basis_shape(0)[0]
+    basis = entry.basis
+    return basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]
 
-    Runs one forward under ``torch.no_grad()`` (nothing is kept for backward)
-    with the RNG state restored afterwards, so that calibrating does not
-    change the random stream of training. Already-calibrated projections (e.g.
-    loaded from a checkpoint) are left alone.
 
-    Returns:
-        ``velora_fx.report(module)``.
+def _records(gm: fx.GraphModule, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRecord]:
+    """The decisions recorded in ``gm``'s graph, sized with the inputs seen so far.
 
-    Example::
-
-        >>> gm = velora_fx.transform(torch.fx.symbolic_trace(model))  # doctest: +SKIP
-        >>> velora_fx.calibrate(gm, first_batch)                       # doctest: +SKIP
-        >>> compiled = torch.compile(gm, fullgraph=True)               # doctest: +SKIP
+    Sites that share one input (q/k/v projections of one normed tensor) count
+    its bytes once, on the first of them, and its ``p`` once.
     """
-    if not records(module):
-        raise ValueError(
-            f"velora_fx.calibrate: {type(module).__name__} has no site rewritten by velora_fx.transform; "
-            "run velora_fx.transform on it first (or nothing in it was compressed: see velora_fx.report)"
-        )
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), calibrating():
-        module(*example_inputs, **example_kwargs)
-    return report(module)
+    state = gm._modules.get(CONTAINER)
+    state = state if isinstance(state, ProjectionState) else None
+    seen = state.fx_inputs if state is not None else {}
+    out = []
+    first_user: dict[Any, str] = {}
+    for node in gm.graph.nodes:
+        record = node.meta.get(META_KEY, {}).get("record")
+        if record is None:
+            continue
+        if record.status == COMPRESSED:
+            changes: dict[str, Any] = {}
+            info = seen.get(record.node)
+            if info is None and state is not None and record.weight in (inputs or {}) and record.weight in state:
+                shape, dtype = inputs[record.weight]  # seen by the compile backend: torch.compile runs this graph
+                dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+                info = (shape, dtype, _basis_shape(state.get(record.weight), for_config(state.config)), None)
+            if info is not None:
+                shape, dtype, basis_shape, kept = info
+                before = input_bytes(shape, dtype)
+                kept = before >= state.config.min_saved_bytes if kept is None else kept
+                after = for_config(state.config).kept_bytes(shape, dtype, basis_shape)
+                changes = {"input_shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,
+                           "bytes_after": after}  # fmt: skip
+                if not kept:
+                    changes.update(status=SKIPPED, bytes_after=before, reason=f"below min_saved_bytes ({before} bytes)")
+                elif node.args[1] in first_user:
+                    changes.update(bytes_before=0)  # counted on the first site reading the input
+                    if node.args[2].kwargs["site"] != record.node:  # p counted on the site that computed it
+                        changes["bytes_after"] = 0
+                first_user.setdefault(node.args[1], record.node)
+            if state is not None and record.weight in state:
+                changes["last_refresh"] = state.get(record.weight).last_refresh
+            record = dataclasses.replace(record, **changes)
+        out.append(record)
+    return out

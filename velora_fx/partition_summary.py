@@ -26,7 +26,7 @@ import torch.fx
 
 from velora_fx import _torch_internals as ti
 from velora_fx.passes.sites import META_KEY
-from velora_fx.report import GraphSummary
+from velora_fx.records import GraphSummary
 
 __all__ = ["JointOutline", "ForwardSummary", "sources_uuid"]
 

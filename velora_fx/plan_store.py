@@ -21,7 +21,7 @@ import torch.fx
 
 from velora_fx import _torch_internals as ti
 from velora_fx.passes.contract import PlannedSite
-from velora_fx.report import GraphSummary
+from velora_fx.records import GraphSummary
 
 __all__ = ["graph_key", "store", "load"]
 

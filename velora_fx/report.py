@@ -1,126 +1,14 @@
-"""What velora_fx did: one ``SiteRecord`` per candidate matmul, gathered into a ``Report``."""
+"""What velora_fx did, for the user: ``report(obj)`` gathers the records of both routes into a ``Report``."""
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional
 
-import torch
+from . import fx, runtime
+from .records import COMPRESSED, SKIPPED, GraphSummary, SiteRecord, fmt_bytes
 
 __all__ = ["SiteRecord", "GraphSummary", "Report", "report", "COMPRESSED", "SKIPPED"]
-
-COMPRESSED = "compressed"
-SKIPPED = "skipped"
-
-@dataclass(frozen=True)
-class SiteRecord:
-    """One candidate matmul: what it would keep for backward, what it keeps, and why.
-
-    ``bytes_before`` is what the input keeps for ``dW`` without velora_fx,
-    ``bytes_after`` what it keeps with it (equal when skipped); both ``None``
-    while the input's shape is not known yet (an FX-transformed module before
-    its first forward). A compressed site also says which ``estimator`` keeps
-    its input, in how many scalars ``per_token`` (the sub-token size ``d``
-    aside; the quantized estimator: bits per element), and at which training step its basis was last refreshed
-    (``last_refresh``; ``None``: not since this process started).
-    """
-
-    graph: str
-    node: str
-    weight: str
-    status: str
-    reason: str
-    input_shape: Optional[tuple[int, ...]] = None
-    dtype: Optional[str] = None
-    sub_token_size: Optional[int] = None
-    bytes_before: Optional[int] = None
-    bytes_after: Optional[int] = None
-    estimator: Optional[str] = None
-    per_token: Optional[float] = None
-    last_refresh: Optional[int] = None
-
-    @property
-    def bytes_saved(self) -> int:
-        if self.bytes_before is None or self.bytes_after is None:
-            return 0
-        return self.bytes_before - self.bytes_after
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class GraphSummary:
-    """What the min-cut partitioner chose for one compiled graph (compile backend only).
-
-    ``saved_bytes`` are the activations its forward keeps for backward
-    (parameters excluded), sized for the inputs it was compiled with
-    (symbolic sizes: their example values); ``projection_bytes`` of them are
-    velora_fx's projections ``p``. ``recomputed`` lists the forward ops that
-    backward recomputes instead of keeping their results (view-like ops left
-    out), as ``(op, count)``. ``instances``: how many sets of parameters ran
-    through the graph (blocks of one class share a graph), so the model keeps
-    ``saved_bytes × instances``.
-    """
-
-    graph: str
-    saved_bytes: int
-    saved_tensors: int
-    projection_bytes: int
-    projections: int
-    recomputed: tuple[tuple[str, int], ...] = ()
-    memory_budget: Optional[float] = None
-    instances: int = 1
-
-    @property
-    def recomputed_ops(self) -> int:
-        return sum(n for _, n in self.recomputed)
-
-    def describe(self) -> str:
-        times = f" (x{self.instances} instances)" if self.instances > 1 else ""
-        budget = f", memory budget {self.memory_budget:g}" if self.memory_budget is not None else ""
-        ops = ", ".join(f"{op} x{n}" for op, n in self.recomputed[:6]) + (", ..." if len(self.recomputed) > 6 else "")
-        recompute = f"recomputes {self.recomputed_ops} ops in backward ({ops})" if self.recomputed else "recomputes nothing"
-        return (f"{self.graph}{times}: keeps {_fmt_bytes(self.saved_bytes)} for backward in {self.saved_tensors} "
-                f"tensors, {_fmt_bytes(self.projection_bytes)} of them in {self.projections} projections; "
-                f"{recompute}{budget}")  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["recomputed"] = [list(kv) for kv in self.recomputed]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GraphSummary":
-        return cls(**dict(data, recomputed=tuple((str(k), int(n)) for k, n in data.get("recomputed", ()))))
-
-
-def kept_bytes(shape: Sequence[int], dtype: torch.dtype, basis: Union[None, int, tuple[int, int]]) -> tuple[int, int]:
-    """Bytes an input of ``shape`` keeps for backward: exact, and projected on a basis of shape ``(d, r)`` (an int:
-    ``(d, 1)``, VeLoRA's sub-token size)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    before = numel * itemsize
-    if basis is None:
-        return before, before
-    d, r = (basis, 1) if isinstance(basis, int) else basis
-    features = int(shape[-1]) if len(shape) else 1
-    tokens = numel // features if features else 0
-    return before, tokens * (-(-features // d)) * r * itemsize
-
-
-def _fmt_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class Report(tuple):
@@ -179,7 +67,7 @@ class Report(tuple):
                 _ellipsize(r.weight, 44),
                 "?" if r.input_shape is None else "x".join(map(str, r.input_shape)) + f" {_short_dtype(r.dtype)}",
                 "-" if r.per_token is None else f"{r.per_token:g}",
-                f"{_fmt_bytes(r.bytes_before)} -> {_fmt_bytes(r.bytes_after)}",
+                f"{fmt_bytes(r.bytes_before)} -> {fmt_bytes(r.bytes_after)}",
                 r.status + note,
             ))  # fmt: skip
         header = ("weight", "input", "k", "kept for dW", "status")
@@ -188,8 +76,8 @@ class Report(tuple):
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = textwrap.wrap(
             f"velora_fx: {len(self.compressed)} of {len(self)} sites compressed; the inputs kept for their weight "
-            f"gradients: {_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} "
-            f"(saved {_fmt_bytes(self.bytes_saved)})", width, subsequent_indent="    "
+            f"gradients: {fmt_bytes(self.bytes_before)} -> {fmt_bytes(self.bytes_after)} "
+            f"(saved {fmt_bytes(self.bytes_saved)})", width, subsequent_indent="    "
         ) + self._estimators(width) + ["", line(header), line(["-" * w for w in widths])]  # fmt: skip
         for graph, group in rows_by_graph.items():
             if len(rows_by_graph) > 1:
@@ -202,7 +90,7 @@ class Report(tuple):
         if self.graphs:
             out.append("")
             out.extend(textwrap.fill(g.describe(), width, subsequent_indent="    ") for g in self.graphs)
-            out.append(f"kept for backward per step, all graphs: {_fmt_bytes(self.saved_bytes)}")
+            out.append(f"kept for backward per step, all graphs: {fmt_bytes(self.saved_bytes)}")
         return "\n".join(out)
 
     def _estimators(self, width: int) -> list[str]:
@@ -221,7 +109,7 @@ class Report(tuple):
         return self.format()
 
     def __repr__(self) -> str:
-        return f"Report({len(self)} sites: {len(self.compressed)} compressed, saved {_fmt_bytes(self.bytes_saved)})"
+        return f"Report({len(self)} sites: {len(self.compressed)} compressed, saved {fmt_bytes(self.bytes_saved)})"
 
 
 def _ellipsize(text: str, width: int) -> str:
@@ -254,8 +142,6 @@ def report(obj: Any) -> Report:
         >>> gm = velora_fx.transform(torch.fx.symbolic_trace(model))   # doctest: +SKIP
         >>> print(velora_fx.report(gm))                                 # doctest: +SKIP
     """
-    from . import fx, runtime  # they import this module
-
     records, graphs = runtime.records(obj)
     # a transformed GraphModule under torch.compile: the FX route owns its sites, sized with the compiled inputs
     fx_records = fx.records(obj, {r.weight: (r.input_shape, r.dtype) for r in records if r.input_shape})

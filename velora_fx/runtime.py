@@ -54,23 +54,13 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from velora_fx import _torch_internals as ti
+from velora_fx import lifecycle
+from velora_fx.codec import Estimator
 from velora_fx.dynamo_graph import ParamUse
-from velora_fx.estimators import Estimator
 from velora_fx.passes.contract import GraphSpec, PlannedSite
-from velora_fx.report import COMPRESSED, GraphSummary, SiteRecord
-from velora_fx.state import (
-    CONTAINER,
-    Projection,
-    attached,
-    check_estimator,
-    find_owner,
-    named_parameters,
-    new_projection,
-    projection_for,
-    projections,
-    strip_compiled,
-    watch_steps,
-)
+from velora_fx.projection import Projection
+from velora_fx.records import COMPRESSED, GraphSummary, SiteRecord
+from velora_fx.state import attached, find_owner, named_parameters, projections, strip_compiled
 
 __all__ = ["CompiledGraph", "records", "distributed"]
 
@@ -173,36 +163,18 @@ class CompiledGraph:
 
     def _bind(self, args: list, k: int) -> Projection:
         """The projection of the leader of slot ``k`` (created when new), its followers sharing it."""
-        slot = self.spec.slots[k]
-        proj = self._projection(args[slot.primal], slot.name, slot.basis_shape, slot.features)
-        watch_steps(args[slot.primal], proj)
+        proj = self._projection(args, k)
         for f in self.followers[k]:
-            fs = self.spec.slots[f]
-            self._projection(args[fs.primal], fs.name, fs.basis_shape, fs.features, follower=True).share(proj)
-            watch_steps(args[fs.primal], proj)
-        self._bindings[args[slot.primal]] = proj
+            self._projection(args, f, leader=proj)
+        self._bindings[args[self.spec.slots[k].primal]] = proj
         return proj
 
-    def _projection(self, param: torch.Tensor, fallback: str, basis_shape, features, follower: bool = False) -> Projection:
+    def _projection(self, args: list, k: int, leader: Optional[Projection] = None) -> Projection:
+        slot = self.spec.slots[k]
+        param = args[slot.primal]
         owner = find_owner(param)
-        name = owner.name_of(param) if owner is not None else fallback
-        shape = self.estimator.state_shape(basis_shape)
-        proj = projection_for(param, name, owner)
-        if proj is None:  # new: a follower's own state is never used (it shares its leader's), so it starts empty
-            basis, step = self.estimator.initial(basis_shape, name)
-            if follower:
-                basis = torch.zeros_like(basis)
-            return new_projection(param, name, owner, self.estimator.field, basis.to(param.device), step,
-                                  self.estimator.name)  # fmt: skip
-        where = f"{CONTAINER}.{name}.{proj.field}" if owner is not None else "kept outside the state_dict"
-        if proj.field != self.estimator.field or tuple(proj._basis.shape) != shape:
-            raise ValueError(
-                f"velora_fx: the projection of {name} ({where}) has shape {tuple(proj._basis.shape)} but this "
-                f"backend's config needs {shape} for D={features}; compile with the config the model was trained "
-                "with, or train a freshly prepared model"
-            )
-        check_estimator(proj, self.estimator.name, where)
-        return proj
+        name = owner.name_of(param) if owner is not None else slot.name
+        return lifecycle.bind(param, name, owner, self.estimator, slot.basis_shape, slot.features, leader=leader)
 
     def _note_instance(self, args: list) -> None:
         """Remember (weakly) the parameters of this call, for ``records``, if this set of parameters is new."""
@@ -260,19 +232,13 @@ class CompiledGraph:
             slot = self.spec.slots[k]
             xs = [x.reshape(-1, slot.features) for x in captured[k]]
             x = xs[0] if len(xs) == 1 else torch.cat(xs) if xs else torch.zeros(0, slot.features)
-            stats.append(est.statistics(x, slot.basis_shape) if i < len(calibrate) else
-                         est.refresh_statistics(x, proj.basis.to(x.device)))  # fmt: skip
+            stats.append(lifecycle.statistics(est, proj, x, slot.basis_shape, refreshing=i >= len(calibrate)))
         if distributed():  # see NOTE [one basis on every rank]
             stats = _all_reduce(stats, items[0][1].basis.device)
         for (k, proj), (total, count) in zip(calibrate, stats):
-            basis = est.calibrated(total, count, proj.weight, self.spec.slots[k].basis_shape)
-            if basis is None:
-                continue  # no tokens (an empty batch): nothing to average; stays uncalibrated (its dW is 0: exact)
-            proj.set_basis(basis)
-            log.info("velora_fx: calibrated the projection of %s on the first batch", proj.weight)
+            lifecycle.calibrate(proj, est, total, count, self.spec.slots[k].basis_shape, proj.weight)
         for (_, proj, index), (total, count) in zip(refresh, stats[len(calibrate):]):
-            proj.set_basis(est.refreshed(proj.basis.cpu(), total.cpu(), count, proj.weight, index))
-            log.debug("velora_fx: refreshed the projection of %s (refresh %d)", proj.weight, index)
+            lifecycle.refresh(proj, est, index, total, count)
 
     # -- the call ------------------------------------------------------------------------------
 
@@ -283,7 +249,7 @@ class CompiledGraph:
             args = list(call_args)
         if any(ti.is_fake(a) for a in args):
             return self._call_fake(args)
-        est, every = self.estimator, self.estimator.refresh_every
+        est = self.estimator
         projs: list[Optional[Projection]] = []
         calibrate, refresh, rebound = [], [], False
         for k, used in zip(self.leaders, self.used):
@@ -295,14 +261,11 @@ class CompiledGraph:
             if proj is None:
                 proj, rebound = self._bind(args, k), True
             projs.append(proj)
-            index = proj.tick(every) if every else None
+            index = lifecycle.begin_step(proj, est)
             if not proj.calibrated:
                 calibrate.append((k, proj))
             elif index is not None:
-                if est.refresh_needs_data:
-                    refresh.append((k, proj, index))
-                else:
-                    proj.set_basis(est.refreshed(proj.basis, None, 0, proj.weight, index))  # a re-seed: no copy
+                refresh.append((k, proj, index))
         if self._primals and (rebound or self._last_first is None or self._last_first() is not args[self._primals[0]]):
             self._last_first = weakref.ref(args[self._primals[0]])
             self._note_instance(args)
@@ -343,7 +306,7 @@ class CompiledGraph:
 def records(obj: Any) -> tuple[list[SiteRecord], list[GraphSummary]]:
     """The records of every compiled graph that trained parameters of ``obj``, named as in ``obj``, and the
     partition summary of each such graph (with the number of ``obj``'s instances it ran for)."""
-    root = getattr(obj, "_orig_mod", obj)
+    root = ti.unwrap_optimized_module(obj)
     if not isinstance(root, nn.Module):
         return [], []
     names_of: dict[int, str] = {}
