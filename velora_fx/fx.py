@@ -1,4 +1,4 @@
-"""The FX route: ``transform`` a GraphModule, ``calibrate`` it, and the two ops its rewritten graph calls.
+"""The FX route: ``transform`` a GraphModule, the two ops its rewritten graph calls, and its records.
 
 ``passes/fx_linear.py`` rewrites the graph; what runs at training time is
 here: ``project`` (once per compressed input) and ``linear`` (once per site).
