@@ -15,6 +15,10 @@ All methods of one (model, shape) live in ONE process, built from the same seed 
 * ``compile_s``: first step minus the median step (this process; Inductor's cache as the machine has it);
 * ``loss@1``: loss of the first step (VeLoRA changes only dW: every method must agree).
 
+Models and batches: ``benchmarks/models.py``, shared with ``peers.py`` (heads of 32, FFN rounded to a multiple
+of 8, ViT 8x8 patches and 10 classes). The GPU results recorded before it was shared
+(``benchmarks/results/gpu_*.json``) used heads of 64, FFN rounded to 128, ViT 16x16 patches and 1000 classes.
+
 Methods are those of ``benchmarks/peers.py``; the default set leaves out the num_groups sweep
 (``--all-methods`` adds it back). Prints a table and writes JSON (``--out``, default
 ``benchmarks/results/gpu.json``; each finished method is also printed as a JSON line, so a run cut short
@@ -35,6 +39,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.models import commit, make_batch, make_model, tokens_per_sample  # noqa: E402
 from benchmarks.peers import (  # noqa: E402
     ESTIMATOR_METHODS,
     LORA_TARGETS,
@@ -50,43 +55,6 @@ DEFAULT_METHODS = [
     "lora-compile", "lora-peft-velora", "lora-velora_fx",
 ]  # fmt: skip
 EAGER = ("eager", "ckpt-eager", "lora-eager", "lora-peft-velora")
-
-
-def make_model(kind: str, hidden: int, layers: int, seq: int, vocab: int):
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    heads = max(1, hidden // 64)
-    if kind == "llama":
-        ffn = (hidden * 8 // 3 + 127) // 128 * 128
-        cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                             max_position_embeddings=max(seq, 128))  # fmt: skip
-        return tf.LlamaForCausalLM(cfg)
-    if kind == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=max(seq, 128),
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-        return tf.GPT2LMHeadModel(cfg)
-    if kind == "vit":
-        side = max(2, round(seq**0.5))
-        cfg = tf.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                           intermediate_size=4 * hidden, image_size=side * 16, patch_size=16, num_labels=1000,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-        return tf.ViTForImageClassification(cfg)
-    raise ValueError(kind)
-
-
-def make_batch(kind: str, batch: int, seq: int, vocab: int, device: str) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    if kind == "vit":
-        side = max(2, round(seq**0.5)) * 16
-        return {"pixel_values": torch.randn(batch, 3, side, side, generator=g).to(device),
-                "labels": torch.randint(0, 1000, (batch,), generator=g).to(device)}  # fmt: skip
-    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-    return {"input_ids": ids, "labels": ids}
 
 
 class Method:
@@ -192,7 +160,7 @@ def measure_shape(kind: str, shape: dict, methods: list[str], args) -> list[dict
         rows.append(row)
         print("@@row " + json.dumps(row), flush=True)
     times = interleaved_medians({k: m.synced_step for k, m in live.items()}, repeats=args.repeats, warmup=1)
-    tokens = shape["batch"] * (shape["seq"] if kind != "vit" else max(2, round(shape["seq"] ** 0.5)) ** 2)
+    tokens = shape["batch"] * tokens_per_sample(kind, shape["seq"])
     for r in rows:
         if r["method"] in times:
             r["step_s"] = times[r["method"]]
@@ -205,16 +173,6 @@ def measure_shape(kind: str, shape: dict, methods: list[str], args) -> list[dict
             a, b = r.get(key), ref.get(key)
             r[out] = a / b if a is not None and b else None
     return rows
-
-
-def commit() -> str:
-    """The commit measured: ``$VELORA_COMMIT`` (a copied tree has no ``.git``), else ``git rev-parse``."""
-    import subprocess
-
-    if os.environ.get("VELORA_COMMIT"):
-        return os.environ["VELORA_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def _time(fn) -> float:
@@ -275,6 +233,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    measured_at = commit()  # at the start: the code that runs, whatever HEAD is when the run ends
     import torch
 
     from benchmarks.measure import import_compiler
@@ -302,7 +261,7 @@ def main(argv=None) -> int:
                 rows += measure_shape(kind, shape, methods, args)
     elapsed = time.perf_counter() - started
     meta = {
-        "commit": commit(),
+        "commit": measured_at,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'cpu'})",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -38,7 +38,10 @@ Figures per (model, shape, method), each from the process that measures it:
 Every process runs torch with ONE thread (``OMP_NUM_THREADS=1``): on this shared 2-core machine two OpenMP
 threads spin against the other jobs and a step gets ~30x slower.
 
-Writes ``benchmarks/results/peers.json``, ``peers_pareto.png``, ``peers_groups.png`` and prints a table.
+Models and batches: ``benchmarks/models.py`` (shared with ``gpu.py``; its docstring gives the shape).
+
+Writes ``benchmarks/results/peers.json``, ``peers_pareto.png``, ``peers_groups.png`` and prints a table; the
+JSON's ``meta.commit`` is the commit measured (``$VELORA_COMMIT`` where the tree has no ``.git``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
+
+# imports no torch: this process orchestrates the workers, which import it
+from benchmarks.models import commit, make_batch, make_model  # noqa: E402
 
 FULL_METHODS = [
     "eager", "compile", "velora-g8", "velora-g16", "velora-g32", "velora-g64", "velora-paper",
@@ -130,53 +136,6 @@ def _torch_setup():
     torch.set_num_threads(1)
     import_compiler()
     return torch
-
-
-def make_model(kind: str, hidden: int, layers: int, seq: int, vocab: int):
-    torch = _torch_setup()
-    import transformers as tf
-
-    torch.manual_seed(0)
-    heads = max(1, hidden // 32)
-    if kind == "llama":
-        ffn = (hidden * 8 // 3 + 7) // 8 * 8
-        cfg = tf.LlamaConfig(
-            hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=max(seq, 128),
-        )  # fmt: skip
-        model = tf.LlamaForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = tf.GPT2Config(
-            n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=max(seq, 128),
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        model = tf.GPT2LMHeadModel(cfg)
-    elif kind == "vit":
-        side = vit_side(seq)
-        cfg = tf.ViTConfig(
-            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
-            image_size=side * 8, patch_size=8, num_channels=3, num_labels=10,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        model = tf.ViTForImageClassification(cfg)
-    else:
-        raise ValueError(kind)
-    return model.train()
-
-
-def vit_side(seq: int) -> int:
-    """Patches per image side: the ViT's sequence is side² patches (+1 class token)."""
-    return max(2, round(seq**0.5))
-
-
-def make_batch(kind: str, batch: int, seq: int, vocab: int) -> dict:
-    torch = _torch_setup()
-    g = torch.Generator().manual_seed(1)
-    if kind == "vit":
-        side = vit_side(seq) * 8
-        return {"pixel_values": torch.randn(batch, 3, side, side, generator=g), "labels": torch.randint(0, 10, (batch,), generator=g)}
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids, "labels": ids}
 
 
 def distinct_class(model, method: str):
@@ -559,6 +518,7 @@ def main(argv=None) -> None:
 
     from tqdm import tqdm
 
+    measured_at = commit()  # at the start: the code that runs, whatever HEAD is when the run ends
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     seqs = [int(s) for s in args.seqs.split(",")]
     models = args.models.split(",")
@@ -608,7 +568,8 @@ def main(argv=None) -> None:
                         row["compile_s"] = None  # nothing compiled: first-step overhead is not a compile time
                     pbar.update(1)
                 rows.append(row)
-                partial.write_text(json.dumps(rows, indent=1))
+                partial.write_text(json.dumps({"meta": {"commit": measured_at, "main_shape": main_shape}, "rows": rows},
+                                              indent=1))  # fmt: skip
     elapsed = time.perf_counter() - started
     compute_ratios(rows)
 
@@ -617,6 +578,7 @@ def main(argv=None) -> None:
     import torch
 
     meta = {
+        "commit": measured_at,
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "torch": torch.__version__,
         "python": platform.python_version(),
