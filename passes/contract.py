@@ -78,8 +78,10 @@ class RewriteOptions:
     key: Any
 
     def codec_sources(self) -> tuple[str, ...]:
-        """The source files of the codec's classes (inlined into the graph: a cache key must cover them)."""
-        modules = dict.fromkeys(c.__module__ for c in type(self.codec).__mro__ if c.__module__.startswith("velora_fx"))
+        """The source files of the codec's classes and of the modules it writes graphs with (a cache key must
+        cover them: a codec's code is inlined into the graph)."""
+        classes = [c.__module__ for c in type(self.codec).__mro__ if c.__module__.startswith("velora_fx")]
+        modules = dict.fromkeys([*classes, *self.codec.source_modules])
         return tuple(sys.modules[m].__file__ for m in modules)
 
 

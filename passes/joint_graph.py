@@ -32,7 +32,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from velora_fx import _torch_internals as ti
 from velora_fx import records
-from velora_fx.passes import contract, direction_op, joint_plan, joint_rewrite, sites
+from velora_fx.passes import contract, direction_op, graph_writer, joint_plan, joint_rewrite, sites
 from velora_fx.passes.contract import GraphSpec, RewriteOptions
 from velora_fx.passes.direction_op import DIRECTION_OP
 from velora_fx.passes.joint_plan import JointPlan, plan_joint_graph
@@ -71,8 +71,8 @@ def velora_joint_pass(graph: torch.fx.Graph, spec: GraphSpec, options: RewriteOp
 #: contract, the site tables, the torch internals and the byte accounting; the codec adds its own sources (a codec's
 #: code is inlined into the graph: editing it must miss the cache)
 _SOURCES = tuple(sys.modules[m].__file__ for m in (__name__, joint_plan.__name__, joint_rewrite.__name__,
-                                                   direction_op.__name__, contract.__name__, sites.__name__,
-                                                   ti.__name__, records.__name__))
+                                                   graph_writer.__name__, direction_op.__name__, contract.__name__,
+                                                   sites.__name__, ti.__name__, records.__name__))
 
 
 class VeloraJointPass(ti.CustomGraphPass):

@@ -22,10 +22,11 @@ from velora_fx import _torch_internals as ti
 from velora_fx.codec import Estimator as Codec
 from velora_fx.passes.contract import GraphSpec, ParamSlot, PlannedSite, RewriteOptions, escape
 from velora_fx.passes.direction_op import DIRECTION_OP
+from velora_fx.passes.graph_writer import val
 from velora_fx.passes.sites import ATEN_INPUT_CHAIN, ATEN_MATMULS, ATEN_VIEWS, ATEN_WEIGHT_CHAIN, META_KEY
 from velora_fx.records import COMPRESSED, SKIPPED, input_bytes
 
-__all__ = ["JointPlan", "plan_joint_graph", "val", "shape_hint"]
+__all__ = ["JointPlan", "plan_joint_graph", "shape_hint"]
 
 aten = torch.ops.aten
 
@@ -53,10 +54,6 @@ class JointPlan:
     sites: list[PlannedSite] = field(default_factory=list)
     groups: dict[torch.fx.Node, dict[int, tuple[list[torch.fx.Node], list[tuple[torch.fx.Node, list[torch.fx.Node]]]]]] = field(default_factory=dict)  # fmt: skip
     markers: list[torch.fx.Node] = field(default_factory=list)
-
-
-def val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
 
 
 def shape_hint(node: torch.fx.Node) -> tuple[int, ...]:

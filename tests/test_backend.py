@@ -719,7 +719,7 @@ def test_a_failing_rewrite_leaves_the_graph_exact(stack, monkeypatch, caplog):
     graph = copy.deepcopy(g.before)
     code = torch.fx.GraphModule(torch.nn.Module(), graph).code
     calls = []
-    original = joint_rewrite._weight_grad_from_p
+    original = joint_rewrite._weight_grad
 
     def fail_on_the_third(*args):
         calls.append(1)
@@ -727,7 +727,7 @@ def test_a_failing_rewrite_leaves_the_graph_exact(stack, monkeypatch, caplog):
             raise RuntimeError("boom")
         return original(*args)
 
-    monkeypatch.setattr(joint_rewrite, "_weight_grad_from_p", fail_on_the_third)
+    monkeypatch.setattr(joint_rewrite, "_weight_grad", fail_on_the_third)
     with caplog.at_level(logging.WARNING, logger="velora_fx"):
         result, plan = jg.velora_joint_pass(graph, g.spec, rewrite_options(STACK_CFG))
     assert len(calls) == 3 and not result.modified and not plan.sites

@@ -16,8 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = [
     {"_torch_internals", "config", "records"},  # vocabulary: no velora_fx imports but each other's
     {"codec", "ops", "projection", "steps"},  # the codec interface, the math, one projection's state
-    {"passes.sites", "passes.direction_op", "passes.contract", "passes.joint_plan", "passes.joint_rewrite",
-     "passes.joint_graph", "passes.dynamo_graph", "passes.fx_linear", "checkpoint", "quantized", "estimators"},
+    {"passes.sites", "passes.direction_op", "passes.contract", "passes.graph_writer", "passes.joint_plan",
+     "passes.joint_rewrite", "passes.joint_graph", "passes.dynamo_graph", "passes.fx_linear",  # the graph rewrites
+     "checkpoint", "quantized", "projection_graph", "estimators"},  # the codecs, the checkpoint format
     {"state"},  # where projections live
     {"lifecycle", "dynamo_graph", "partition_summary", "plan_store"},
     {"runtime", "fx"},  # what runs at training time, per route

@@ -3,22 +3,29 @@
 An estimator is a codec with state. Per weight it declares the shape of its
 state (a basis, a direction, a key: one float32 tensor, fed to the compiled
 graph as an input and kept in ``model.state_dict()``), how that state starts,
-calibrates from data and refreshes every ``refresh_every`` steps, and what
-forward keeps of an input ``x`` of shape ``(N, D)``:
+calibrates from data and refreshes every ``refresh_every`` steps (the
+lifecycle, ``lifecycle.py``, calls these for both routes), and the codec
+proper, written twice over the same maths:
 
-* a *projection* (VeLoRA, random, principal, principal_random) keeps
-  ``p = x_sub B`` and forms ``dW = (gᵀ p) Bᵀ`` (NOTE [VeLoRA weight gradient]
-  in ``ops.py``); the joint-graph pass builds those two matmuls itself;
-* a *traced* codec (``traced = True``: the quantized estimator) gives
-  ``encode(x, state) -> saved tensors`` and ``decode(saved, state, D, dtype)
-  -> x̂`` as plain tensor code: the FX route runs it in an
-  ``autograd.Function``, the compile backend traces it into the joint graph,
-  and ``dW = scale · gᵀ x̂`` is the exact weight-gradient matmul on ``x̂``.
+* eagerly, for the FX route (``ops.VeloraLinearFunction``): ``encode(x,
+  state) -> saved tensors`` in forward, ``weight_grad(g, saved, state) -> dW``
+  in backward (by default the exact matmul on ``decode(saved, state) -> x̂``);
+* in a joint graph, for the compile route (``passes/joint_rewrite.py``):
+  ``emit_encode`` before the first site, ``emit_weight_grad`` for a weight
+  gradient the codec can form itself (``None``: the pass rebuilds ``x̂`` with
+  ``emit_decode`` and keeps the weight-gradient op). By default these trace
+  the eager methods into the graph (``GraphWriter.trace``), so a codec written
+  as plain tensor code (the quantized estimator) is written once.
+
+The projections (VeLoRA, random, principal, principal_random:
+``estimators.ProjectionCodec``) keep ``p = x_sub B`` and form ``dW = (gᵀ p) Bᵀ``;
+their graph code is ``projection_graph.py`` (matmuls, ``G p`` first). The
+passes call only this interface and know no basis.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -28,9 +35,17 @@ __all__ = ["Estimator"]
 
 
 class Estimator:
-    """The interface; ``Velora`` is the paper's estimator, the others project whole tokens (``d = D``)."""
+    """The interface (``Codec`` in the passes). Subclasses: ``estimators.ProjectionCodec``, ``QuantizedEstimator``."""
 
+    #: the state's field in ``state_dict()`` (``velora_fx.<weight>.<field>``)
     field = "basis"
+
+    #: modules besides the classes' own whose code the codec writes into graphs (a compile-cache key covers them)
+    source_modules: tuple[str, ...] = ()
+
+    #: whether the codec keeps codes (the report counts bits per element) rather than coordinates in a basis
+    #: (scalars per token, with a sub-token size)
+    traced = False
 
     def __init__(self, config: VeloraConfig):
         self.config = config
@@ -45,12 +60,12 @@ class Estimator:
 
     @property
     def refreshed_in_graph(self) -> bool:
-        """Whether the graph computes this step's basis itself (and returns it as an extra output)."""
+        """Whether the graph computes this step's state itself (and returns it as an extra output)."""
         return False
 
     @property
     def shares_per_input(self) -> bool:
-        """Whether weights reading one input use one basis (NOTE [one basis per input] in ``runtime.py``)."""
+        """Whether weights reading one input use one state (NOTE [one basis per input] in ``runtime.py``)."""
         return True
 
     @property
@@ -58,19 +73,17 @@ class Estimator:
         """Whether a refresh reads the current batch (else it only re-seeds)."""
         return False
 
+    # -- the state and its lifecycle -------------------------------------------------------------------
+
     def basis_shape(self, features: int) -> tuple[Optional[tuple[int, int]], str]:
         """``((d, r), "")`` for an input of ``features``, or ``(None, reason)`` when it cannot be compressed."""
-        k = self.config.rank
-        if k >= features:
-            return None, (f"feature size {features} is not larger than rank {k}: the projection would keep as much "
-                          "as the input; use a smaller rank (or exclude this weight) to compress it")  # fmt: skip
-        return (features, k), ""
+        raise NotImplementedError
 
     def state_shape(self, basis_shape: tuple[int, int]) -> tuple[int, ...]:
         return tuple(basis_shape)
 
     def initial(self, basis_shape, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The state of a new projection (CPU): the basis (all zeros: to calibrate) and the step counter."""
+        """The state of a new projection (CPU; all zeros: to calibrate) and its step counter."""
         return torch.zeros(self.state_shape(basis_shape)), self._step()
 
     def _step(self) -> Optional[torch.Tensor]:
@@ -78,30 +91,27 @@ class Estimator:
 
     def statistics(self, x: torch.Tensor, basis_shape) -> tuple[torch.Tensor, int]:
         """What calibration needs from a batch ``x`` of shape ``(N, D)``: a sum (float64) and a count, additive."""
-        x64 = x.detach().double()
-        return x64.t() @ x64, x.shape[0]
+        raise NotImplementedError
 
     def calibrated(self, total: torch.Tensor, count: int, name: str, basis_shape) -> Optional[torch.Tensor]:
-        """The basis from summed statistics (``None``: no tokens, stay uncalibrated). Raises on NaN/inf."""
+        """The state from summed statistics (``None``: no tokens, stay uncalibrated). Raises on NaN/inf."""
         raise NotImplementedError
 
     def refresh_statistics(self, x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """What a refresh needs from the batch ``x`` of shape ``(N, D)``, given the current basis; additive."""
+        """What a refresh needs from the batch ``x`` of shape ``(N, D)``, given the current state; additive."""
         return self.statistics(x, tuple(basis.shape))
 
     def refreshed(self, basis: torch.Tensor, total: Optional[torch.Tensor], count: int, name: str, index: int) -> torch.Tensor:
-        """The basis after refresh number ``index`` (1, 2, ...), from the current one and, if it needs data, the
+        """The state after refresh number ``index`` (1, 2, ...), from the current one and, if it needs data, the
         refresh statistics of this batch (``count == 0``: none, keep what data gave before). A refresh that needs no
-        data reads only ``basis.shape`` (the basis may be on any device; the result is on the CPU)."""
+        data reads only ``basis.shape`` (the state may be on any device; the result is on the CPU)."""
         raise NotImplementedError
 
-    # -- the codec: what forward keeps (traced codecs only) ----------------------------------------------
-
-    #: whether ``encode`` / ``decode`` are traced into the graph (else the pass builds the projection matmuls)
-    traced = False
+    # -- the codec, eagerly (the FX route) -------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
-        """What forward keeps of ``x`` (``(..., D)``) for the weight gradient; plain tensor code, traceable."""
+        """What forward keeps of ``x`` (``(..., D)``, in the dtype the matmul runs in) for the weight gradient;
+        every saved tensor's first dimension is the number of tokens. Plain tensor code, traceable."""
         raise NotImplementedError
 
     def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
@@ -109,17 +119,38 @@ class Estimator:
         """``x̂`` of shape ``(N, features)`` in ``dtype`` from ``encode``'s output; traceable."""
         raise NotImplementedError
 
+    def weight_grad(self, g: torch.Tensor, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape,
+                    features: int) -> torch.Tensor:  # fmt: skip
+        """``gᵀ x̂`` of shape ``(out, features)`` from ``g`` ``(N, out)`` (unscaled): the exact matmul on ``x̂``."""
+        return g.t().mm(self.decode(saved, state, basis_shape, features, g.dtype))
+
+    # -- the codec in a joint graph (the compile route): ``w`` is a ``passes.graph_writer.GraphWriter`` ----------
+
+    def emit_encode(self, w: Any, x: torch.fx.Node, state: torch.fx.Node, basis_shape) -> tuple[torch.fx.Node, ...]:
+        """``encode`` of the stored input ``x``, written before the first forward site."""
+        return tuple(w.trace(lambda x, s: self.encode(x, s, basis_shape), [x, state]))
+
+    def emit_weight_grad(self, w: Any, g: torch.fx.Node, rows: Any, saved: Sequence[torch.fx.Node],
+                         state: torch.fx.Node, basis_shape, features: int, scale: float) -> Optional[torch.fx.Node]:  # fmt: skip
+        """``scale · gᵀ x̂`` of shape ``(out, features)`` from ``g`` ``(out, N)``, written before the weight-gradient
+        op it replaces (``rows``: ``N`` as that op spells it, where the saved tensors spell it differently); or
+        ``None`` to let that op read ``emit_decode``'s ``x̂``."""
+        return None
+
+    def emit_decode(self, w: Any, x: torch.fx.Node, saved: Sequence[torch.fx.Node], state: torch.fx.Node, basis_shape,
+                    scale: float) -> torch.fx.Node:  # fmt: skip
+        """``scale · x̂`` in the shape and dtype of ``x``, written before the weight-gradient op that reads it."""
+        value = x.meta["val"]
+        features, dtype = int(value.shape[-1]), value.dtype
+        rows = w.trace(lambda s, *saved: self.decode(saved, s, basis_shape, features, dtype), [state, *saved])
+        return w(torch.ops.aten.view.default, w.scaled(rows, scale), [*w.dims(x, value.dim() - 1), features])
+
+    # -- what the report says --------------------------------------------------------------------------
+
     def kept_bytes(self, shape: Sequence[int], dtype: torch.dtype, basis_shape) -> int:
-        """Bytes forward keeps for an input of ``shape`` and ``dtype``: ``p`` (``N · n · r`` elements of ``dtype``)."""
-        d, r = basis_shape
-        features = int(shape[-1]) if len(shape) else 1
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        tokens = numel // features if features else 0
-        return tokens * (-(-features // d)) * r * torch.empty((), dtype=dtype).element_size()
+        """Bytes forward keeps for an input of ``shape`` and ``dtype``."""
+        raise NotImplementedError
 
     def per_token(self, features: int, basis_shape) -> float:
-        """Scalars (projections) kept per token, or bits per element for a quantized codec: what the report prints."""
-        d, r = basis_shape
-        return -(-features // d) * r
+        """Scalars kept per token, or bits per element for a codec that keeps codes: what the report prints."""
+        raise NotImplementedError

@@ -37,12 +37,13 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import ops, projection_graph
 from .codec import Estimator
 from .config import Quantized, VeloraConfig
 from .quantized import QuantizedEstimator
 
-__all__ = ["Estimator", "Velora", "RandomProjection", "Principal", "PrincipalRandom", "QuantizedEstimator", "for_config"]
+__all__ = ["Estimator", "ProjectionCodec", "Velora", "RandomProjection", "Principal", "PrincipalRandom",
+           "QuantizedEstimator", "for_config"]  # fmt: skip
 
 
 def _finite(tensor: torch.Tensor, name: str) -> None:
@@ -96,7 +97,58 @@ def _smooth_subspace_step(u: torch.Tensor, mu: torch.Tensor, decay: float) -> to
     return _aligned(mixed, u)
 
 
-class Velora(Estimator):
+class ProjectionCodec(Estimator):
+    """Keep ``p = x_sub B`` (sub-tokens of ``d`` in a basis ``B`` of shape ``(d, r)``) and form
+    ``dW = (gᵀ p) Bᵀ``; the subclasses differ only in how ``B`` is chosen. Defaults: whole tokens (``d = D``),
+    ``r = rank``, calibration statistics ``XᵀX``."""
+
+    source_modules = ("velora_fx.projection_graph",)
+
+    def basis_shape(self, features: int):
+        k = self.config.rank
+        if k >= features:
+            return None, (f"feature size {features} is not larger than rank {k}: the projection would keep as much "
+                          "as the input; use a smaller rank (or exclude this weight) to compress it")  # fmt: skip
+        return (features, k), ""
+
+    def statistics(self, x: torch.Tensor, basis_shape):
+        x64 = x.detach().double()
+        return x64.t() @ x64, x.shape[0]
+
+    # the codec: eagerly (ops.py), and in a joint graph (projection_graph.py)
+
+    def encode(self, x, state, basis_shape):
+        return (ops.project(x, state),)
+
+    def decode(self, saved, state, basis_shape, features, dtype):
+        return ops.reconstruct(saved[0], state, features).to(dtype)
+
+    def weight_grad(self, g, saved, state, basis_shape, features):
+        return ops.weight_grad(g, saved[0].reshape(g.shape[0], -1), state, features)
+
+    def emit_encode(self, w, x, state, basis_shape):
+        return projection_graph.encode(w, x, state)
+
+    def emit_weight_grad(self, w, g, rows, saved, state, basis_shape, features, scale):
+        return projection_graph.weight_grad(w, g, rows, saved[0], state, features, scale)
+
+    def emit_decode(self, w, x, saved, state, basis_shape, scale):
+        return projection_graph.decode(w, x, saved[0], state, scale)
+
+    def kept_bytes(self, shape, dtype, basis_shape) -> int:
+        """``p``: ``N · n · r`` elements of ``dtype``."""
+        d, r = basis_shape
+        features = int(shape[-1]) if len(shape) else 1
+        numel = math.prod(int(s) for s in shape)
+        tokens = numel // features if features else 0
+        return tokens * (-(-features // d)) * r * torch.empty((), dtype=dtype).element_size()
+
+    def per_token(self, features: int, basis_shape) -> float:
+        d, r = basis_shape
+        return -(-features // d) * r
+
+
+class Velora(ProjectionCodec):
     """VeLoRA (the paper's, the default): one unit direction ``v`` per weight, ``d = ceil(D / num_groups)``, ``r = 1``.
 
     State: ``v`` of shape ``(d,)``. ``init`` chooses it: the normalised mean
@@ -152,7 +204,7 @@ class Velora(Estimator):
         return basis if count == 0 else ops.direction_from_mean((total / count).float(), name)
 
 
-class RandomProjection(Estimator):
+class RandomProjection(ProjectionCodec):
     """``B = Q √(D/k)``, ``Q`` a seeded random orthonormal ``(D, k)`` basis: unbiased (NOTE [bias and variance of the
     estimators]); calibrated from the start, re-seeded every ``refresh_every`` steps."""
 
@@ -170,7 +222,7 @@ class RandomProjection(Estimator):
         return self._basis(tuple(basis.shape), name, index)
 
 
-class Principal(Estimator):
+class Principal(ProjectionCodec):
     """``B = U``, the top-``rank`` eigenvectors of the first batch's uncentred second moment ``XᵀX / N``; every
     ``refresh_every`` steps one warm-started subspace iteration on the batch at hand, averaged with the current
     ``U`` (``refresh_decay``), moves it smoothly."""

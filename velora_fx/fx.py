@@ -75,8 +75,9 @@ def _advance(state: ProjectionState, name: str, x: torch.Tensor) -> None:
         lifecycle.refresh(entry, est, index, total, count)
 
 
-def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, name: str, site: str) -> Optional[torch.Tensor]:
-    """``p`` of the input ``x`` of the weights sharing ``name``'s basis, or ``None`` when nothing is to be kept."""
+def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, name: str, site: str) -> Optional[tuple]:
+    """What the codec keeps of the input ``x`` of the weights sharing ``name``'s state (``encode``: ``(p,)`` for a
+    projection), or ``None`` when nothing is to be kept."""
     forced = _forced_calibration
     if not (x.is_floating_point() and x.numel() > 0 and weight.requires_grad):
         return None
@@ -97,19 +98,17 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
         entry.set_basis(basis)
     if not torch.is_grad_enabled():
         return None  # a calibration-only call
-    if est.traced:
-        with torch.no_grad():
-            return est.encode(x.detach().to(ops.compute_dtype(x)), entry.basis, _basis_shape(entry, est))
-    return ops.projected_input(x, entry.basis)
+    with torch.no_grad():
+        return est.encode(x.detach().to(ops.compute_dtype(x)), entry.basis, _basis_shape(entry, est))
 
 
-def _decoder(est, basis_shape):
-    """``decode(saved, state, features, dtype)`` of a traced codec, for ``VeloraLinearFunction``'s backward."""
-    return functools.partial(_decode_with, est, basis_shape)
+def _weight_grad_of(est, basis_shape):
+    """``weight_grad(g, saved, state, features)`` of the codec, for ``VeloraLinearFunction``'s backward."""
+    return functools.partial(_weight_grad_with, est, basis_shape)
 
 
-def _decode_with(est, basis_shape, saved, state, features, dtype):
-    return est.decode(saved, state, basis_shape, features, dtype)
+def _weight_grad_with(est, basis_shape, g, saved, state, features):
+    return est.weight_grad(g, saved, state, basis_shape, features)
 
 
 def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], weight: torch.Tensor,
@@ -122,9 +121,9 @@ def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], w
         state.fx_inputs[site] = (tuple(x.shape), ops.compute_dtype(x), _basis_shape(state.get(name), est), kept)
     if p is None or not training:
         return _plain(x, weight, bias, weight_is_out_by_in)
-    decode = _decoder(est, _basis_shape(state.get(name), est)) if est.traced else None
+    weight_grad = _weight_grad_of(est, _basis_shape(state.get(name), est))
     return ops.VeloraLinearFunction.apply(x, p, weight, bias, state.get(name).basis, state.config.scale,
-                                          weight_is_out_by_in, decode)  # fmt: skip
+                                          weight_is_out_by_in, weight_grad)  # fmt: skip
 
 
 def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.GraphModule:

@@ -199,9 +199,9 @@ def projected_input(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 class VeloraLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` (``weight_is_out_by_in=False``: ``y = x W + b``) keeping ``p`` instead of ``x`` for ``dW``.
 
-    ``p`` is a projection's coordinates, or, with ``decode`` (a traced codec:
-    ``decode(saved, state, features, dtype) -> x̂``), the tuple of tensors the
-    codec's ``encode`` kept; then ``dW = scale · gᵀ x̂``.
+    ``p`` is a projection's coordinates, or, with ``weight_grad`` (a codec's:
+    ``weight_grad(g, saved, state, features) -> gᵀ x̂``), the tuple of tensors
+    the codec's ``encode`` kept; then ``dW = scale · weight_grad(...)``.
 
     ``p = projected_input(x, basis)`` is computed by the caller, so that
     several weights reading one ``x`` keep one ``p`` (the same tensor object:
@@ -211,7 +211,7 @@ class VeloraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, p, weight, bias, basis, scale: float, weight_is_out_by_in: bool, decode=None):
+    def forward(ctx, x, p, weight, bias, basis, scale: float, weight_is_out_by_in: bool, weight_grad=None):
         dtype = compute_dtype(x)
         x_c, w_c = x.to(dtype), weight.to(dtype)
         w_lin = w_c if weight_is_out_by_in else w_c.t()
@@ -221,7 +221,7 @@ class VeloraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(*kept, w_lin if needs_x else None, basis if needs_w else None)
         ctx.scale = scale
         ctx.weight_is_out_by_in = weight_is_out_by_in
-        ctx.decode = decode
+        ctx.weight_grad = weight_grad
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
         ctx.features = x.shape[-1]
@@ -244,10 +244,10 @@ class VeloraLinearFunction(torch.autograd.Function):
             dx = torch.matmul(grad_out, w_lin.to(grad_out.dtype)).to(ctx.x_dtype)
         if needs_w:
             g = grad_out.reshape(-1, out_features)
-            if ctx.decode is None:
+            if ctx.weight_grad is None:  # a projection (``velora_linear``)
                 dw = weight_grad(g, kept[0].reshape(g.shape[0], -1), basis, ctx.features)
-            else:  # a traced codec: the exact matmul on x̂
-                dw = g.t().mm(ctx.decode(kept, basis, ctx.features, g.dtype))
+            else:  # the codec's (``velora_fx.fx.linear``)
+                dw = ctx.weight_grad(g, kept, basis, ctx.features)
             if ctx.scale != 1.0:
                 dw = dw * ctx.scale
             dw = (dw if ctx.weight_is_out_by_in else dw.t()).to(ctx.w_dtype).contiguous()
