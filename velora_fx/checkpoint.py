@@ -89,8 +89,7 @@ def load_entries(container, state_dict, prefix, strict, missing_keys, unexpected
             shared.append((entry, basis))
         else:
             entry._basis = basis.to(entry._basis.device)
-            entry._step = None if step is None else step.to(entry._basis.device)
-            entry._steps = 0 if step is None else int(step)
+            entry._steps, entry._scheduled = (0, False) if step is None else (int(step), True)
             entry._calibrated = bool(basis.ne(0).any())
             entry.estimator = made_by
             entry._mark = None  # per-call counting folds from the loaded count

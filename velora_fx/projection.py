@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -28,12 +28,14 @@ class Projection:
     projection, and ``basis`` / ``step`` are the leader's.
     """
 
-    def __init__(self, weight: str, field: str, basis: torch.Tensor, step: Optional[torch.Tensor] = None):
+    def __init__(self, weight: str, field: str, basis: torch.Tensor, step: Union[None, int, torch.Tensor] = None):
         self.weight = weight
         self.field = field  # "v" (VeLoRA) or "basis"
         self._basis = basis
-        self._step = step  # training steps seen, for a refresh schedule (None: no schedule)
-        self._steps = 0 if step is None else int(step)  # the same, as a Python int (no device sync per step)
+        # The one step counter: training steps seen (NOTE [one step is one optimizer step] in steps.py), a Python
+        # int (no device sync per step). ``_scheduled``: a run with a schedule, whose counter state_dict() saves.
+        self._steps = 0 if step is None else int(step)
+        self._scheduled = step is not None
         self._last_refresh: Optional[int] = None  # the step of the last refresh this process made
         self.leader: Optional[Projection] = None
         self._calibrated = bool(basis.ne(0).any())
@@ -64,7 +66,10 @@ class Projection:
 
     @property
     def step(self) -> Optional[torch.Tensor]:
-        return self.root._step
+        """The step counter as ``state_dict()`` saves it (an int64 scalar on the basis's device), ``None`` without a
+        schedule."""
+        root = self.root
+        return torch.tensor(root._steps, dtype=torch.int64, device=root._basis.device) if root._scheduled else None
 
     @property
     def steps(self) -> int:
@@ -105,8 +110,6 @@ class Projection:
         root = self.root
         if not root._optimized and root._mark is not None:  # the calls of the first step count as one
             root._steps = root._mark + 1
-            if root._step is not None:
-                root._step.fill_(root._steps)
         root._optimized, root._stepped, root._mark = True, True, None
 
     def advance(self, every: int) -> Optional[int]:
@@ -114,10 +117,7 @@ class Projection:
         root = self.root
         due = every > 0 and root._steps > 0 and root._steps % every == 0
         root._steps += 1
-        if root._step is None and every > 0:  # loaded from a run without a schedule: count from here on, and save it
-            root._step = torch.zeros((), dtype=torch.int64, device=root._basis.device)
-        if root._step is not None:
-            root._step.fill_(root._steps)
+        root._scheduled = root._scheduled or every > 0  # loaded from a run without a schedule: save it from here on
         if due:
             root._last_refresh = root._steps - 1
             return (root._steps - 1) // every
@@ -128,12 +128,9 @@ class Projection:
         root = self.root
         if root._basis.device.type == "meta":  # made on the meta device (a model built there): start afresh
             root._basis = torch.zeros(root._basis.shape, dtype=STATE_DTYPE, device=device)
-            root._step = None if root._step is None else torch.zeros((), dtype=torch.int64, device=device)
             root._steps, root._calibrated = 0, False
         elif root._basis.device != device:
             root._basis = root._basis.to(device)
-            if root._step is not None:
-                root._step = root._step.to(device)
         return root._basis
 
     def share(self, leader: Projection) -> None:
@@ -152,5 +149,3 @@ class Projection:
 
     def _apply_device(self, device: torch.device) -> None:
         self._basis = self._basis.to(device)
-        if self._step is not None:
-            self._step = self._step.to(device)

@@ -106,7 +106,7 @@ class ProjectionState(nn.Module):
         copy._index = {}
         copy.fx_inputs = dict(self.fx_inputs)
         copy.instance_records = []  # what graphs did to the original, not to the copy
-        entries = {name: Projection(name, e.field, e._basis.clone(), None if e._step is None else e._step.clone())
+        entries = {name: Projection(name, e.field, e._basis.clone(), e._steps if e._scheduled else None)
                    for name, e in self._entries.items()}  # fmt: skip
         for name, e in self._entries.items():
             entries[name]._calibrated, entries[name]._last_refresh = e._calibrated, e._last_refresh
@@ -178,7 +178,6 @@ class ProjectionState(nn.Module):
         for e in self._entries.values():
             if e._basis.device.type == "meta" and device.type != "meta":
                 e._basis = torch.zeros(e._basis.shape, dtype=STATE_DTYPE, device=device)
-                e._step = None if e._step is None else torch.zeros((), dtype=torch.int64, device=device)
                 e._steps, e._calibrated = 0, False
             elif e._basis.device != device:
                 e._apply_device(device)
