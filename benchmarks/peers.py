@@ -100,7 +100,7 @@ def velora_config_for(name: str, kind: str):
 
     if name.startswith("velora-g"):
         groups, _, budget = name[len("velora-g"):].partition("-b")
-        return velora_fx.VeloraConfig(num_groups=int(groups), memory_budget=float(budget) if budget else None)
+        return velora_fx.VeloraConfig(estimator=velora_fx.Velora(num_groups=int(groups)), memory_budget=float(budget) if budget else None)
     if name.startswith("velora-q"):  # the quantized estimator: velora-q{bits}[-b{budget}], groups of 32
         bits, _, budget = name[len("velora-q"):].partition("-b")
         return velora_fx.VeloraConfig(estimator=velora_fx.Quantized(bits=int(bits)),

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from velora_fx import VeloraConfig, ops  # noqa: E402
+from velora_fx import RandomProjection, VeloraConfig, ops  # noqa: E402
 from velora_fx import quantized as q  # noqa: E402
 from velora_fx.estimators import for_config  # noqa: E402
 
@@ -119,7 +119,7 @@ def estimate(kind, setting, name: str, x1, x2, g2, draw: int) -> torch.Tensor:
         v = ops.initial_direction(x1.float(), d, name).double()
         x_hat = ops.reconstruct(ops.project(x2, v), v, x2.shape[-1])
     elif kind == "random":
-        est = for_config(VeloraConfig(estimator="random", rank=setting))
+        est = for_config(VeloraConfig(estimator=RandomProjection(rank=setting)))
         shape, _ = est.basis_shape(x2.shape[-1])
         basis = (est.initial(shape, name)[0] if draw == 0 else est.refreshed(torch.empty(shape), None, 0, name, draw)).double()  # fmt: skip
         x_hat = ops.reconstruct(ops.project(x2, basis), basis, x2.shape[-1])

@@ -115,7 +115,8 @@ def main(argv=None) -> None:
     lora.print_trainable_parameters()
     runs = {
         "default": lambda m: torch.compile(m),
-        "velora": lambda m: torch.compile(m, backend=velora_fx.make_backend(velora_fx.VeloraConfig(num_groups=args.num_groups))),
+        "velora": lambda m: torch.compile(m, backend=velora_fx.make_backend(
+            velora_fx.VeloraConfig(estimator=velora_fx.Velora(num_groups=args.num_groups)))),
     }  # fmt: skip
     models = {name: copy.deepcopy(lora) for name in runs}
     before = held_out(models["default"], eval_batches)

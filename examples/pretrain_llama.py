@@ -67,8 +67,9 @@ def velora_config(args) -> velora_fx.VeloraConfig:
     if args.config:
         return velora_fx.VeloraConfig.from_dict(json.loads(args.config))
     if args.route == "velora-vd":
-        return velora_fx.VeloraConfig(num_groups=args.num_groups, include=("*.v_proj.weight", "*.down_proj.weight"))
-    return velora_fx.VeloraConfig(num_groups=args.num_groups)
+        return velora_fx.VeloraConfig(estimator=velora_fx.Velora(num_groups=args.num_groups),
+                                      include=("*.v_proj.weight", "*.down_proj.weight"))
+    return velora_fx.VeloraConfig(estimator=velora_fx.Velora(num_groups=args.num_groups))
 
 
 def batch_at(data: torch.Tensor, step: int, args) -> torch.Tensor:

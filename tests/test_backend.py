@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import velora_fx
-from velora_fx import VeloraConfig, ops
+from velora_fx import Velora, VeloraConfig, ops
 from velora_fx import _torch_internals as ti
 from velora_fx.compile_backend import rewrite_options
 from velora_fx.passes import joint_graph as jg
@@ -75,7 +75,7 @@ def _records(plan: jg.JointPlan, spec: GraphSpec):
 
 # -- the LLaMA-like stack: one velora compile, one default compile ---------------------------
 
-STACK_CFG = VeloraConfig(num_groups=7, scale=0.5)  # 7 divides neither 64 nor 96: padded sub-tokens
+STACK_CFG = VeloraConfig(estimator=Velora(num_groups=7), scale=0.5)  # 7 divides neither 64 nor 96: padded sub-tokens
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_weights_reading_one_input_share_one_v(init):
     """q/k/v (and gate/up) read one input: one v for them unless init="random" (seeded per weight name);
     every compressed dW is the VeLoRA formula with that weight's own buffer, step after step."""
     torch.manual_seed(7)
-    cfg = VeloraConfig(num_groups=4, init=init, ema_decay=0.5)
+    cfg = VeloraConfig(estimator=Velora(num_groups=4, init=init, ema_decay=0.5))
     model = LlamaStack(blocks=1, dim=32, heads=2, hidden=48)
     eager = copy.deepcopy(model)
     seen, _ = capture_linears(eager)
@@ -296,7 +296,7 @@ class _ReadsFirstUsesLast(nn.Module):
 def test_refreshed_shared_v_is_computed_before_the_first_matmul_of_its_group():
     torch.manual_seed(8)
     model = _ReadsFirstUsesLast()
-    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4, init="ema")))
+    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=4, init="ema"))))
     x = torch.randn(2, 8, 32)
     saved_bytes_step(compiled, x)
     buffers = {name: p.basis for name, p in velora_fx.projections(model).items()}
@@ -351,7 +351,7 @@ _PATTERNS = ["*.q_proj.weight", "*.k_proj.weight", "*.v_proj.weight", "*.up_proj
 )
 def test_plan_invariants_for_any_config(stack, groups, exclude, min_bytes):
     (g,) = stack.graphs
-    cfg = VeloraConfig(num_groups=groups, exclude=tuple(exclude), min_saved_bytes=min_bytes)
+    cfg = VeloraConfig(estimator=Velora(num_groups=groups), exclude=tuple(exclude), min_saved_bytes=min_bytes)
     spec = _respec(g.spec, cfg)
     graph = _graph_for(g.before, spec)
     plan = jg.plan_joint_graph(graph, spec, rewrite_options(cfg))
@@ -383,7 +383,7 @@ def test_plan_invariants_for_any_config(stack, groups, exclude, min_bytes):
 
 def test_excluded_input_sharer_keeps_the_shared_input_exact(stack):
     (g,) = stack.graphs
-    cfg = VeloraConfig(num_groups=8, exclude=("*.k_proj.weight",))
+    cfg = VeloraConfig(estimator=Velora(num_groups=8), exclude=("*.k_proj.weight",))
     spec = _respec(g.spec, cfg)
     records = _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, rewrite_options(cfg)), spec)
     q = [r for r in records if r.weight.endswith("q_proj.weight")]
@@ -394,7 +394,7 @@ def test_excluded_input_sharer_keeps_the_shared_input_exact(stack):
 
 def test_too_small_features_are_skipped_with_reason(stack):
     (g,) = stack.graphs
-    cfg = VeloraConfig(num_groups=80)  # > 64: only down_proj (D=96) can be split
+    cfg = VeloraConfig(estimator=Velora(num_groups=80))  # > 64: only down_proj (D=96) can be split
     spec = _respec(g.spec, cfg)
     for r in _records(jg.plan_joint_graph(_graph_for(g.before, spec), spec, rewrite_options(cfg)), spec):
         if r.weight.endswith("down_proj.weight"):
@@ -408,7 +408,7 @@ def test_pass_uuid_covers_config_and_slots(stack):
     a = jg.VeloraJointPass(g.spec, rewrite_options(STACK_CFG)).uuid()
     assert a == jg.VeloraJointPass(g.spec, rewrite_options(VeloraConfig.from_dict(STACK_CFG.to_dict()))).uuid()
     assert a != jg.VeloraJointPass(g.spec, rewrite_options(dataclasses.replace(STACK_CFG, scale=1.0))).uuid()
-    assert a != jg.VeloraJointPass(_respec(g.spec, VeloraConfig(num_groups=8)), rewrite_options(STACK_CFG)).uuid()
+    assert a != jg.VeloraJointPass(_respec(g.spec, VeloraConfig(estimator=Velora(num_groups=8))), rewrite_options(STACK_CFG)).uuid()
     assert isinstance(a, str) and len(a) == 64
 
 
@@ -422,7 +422,7 @@ def broken():
     initial = copy.deepcopy(model)
     default_model = copy.deepcopy(model)
     x = torch.randn(3, 5, 32)
-    counting = Counting(velora_fx.make_backend(VeloraConfig(num_groups=8)))
+    counting = Counting(velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8))))
     compiled = torch.compile(model, backend=counting)
     loss, _ = saved_bytes_step(compiled, x)
     default_loss, _ = saved_bytes_step(torch.compile(default_model), x)
@@ -489,7 +489,7 @@ def tied():
     initial = copy.deepcopy(model)
     default_model = copy.deepcopy(model)
     tokens = torch.randint(0, 50, (2, 12))
-    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4)))
+    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=4))))
     loss, nbytes = saved_bytes_step(compiled, tokens)
     default_loss, default_bytes = saved_bytes_step(torch.compile(default_model), tokens)
     return Run(model=model, initial=initial, default_model=default_model, tokens=tokens, loss=loss,
@@ -530,7 +530,7 @@ def dynamic():
     torch.manual_seed(3)
     model = TinyMLP()
     default_model = copy.deepcopy(model)
-    backend = Counting(velora_fx.make_backend(VeloraConfig(num_groups=8)))
+    backend = Counting(velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8))))
     default_backend = Counting(_inductor)
     compiled = torch.compile(velora_fx.prepare(model), backend=backend)
     default_compiled = torch.compile(default_model, backend=default_backend)
@@ -599,7 +599,7 @@ def test_resume_into_a_fresh_model_before_its_first_call(dynamic):
 def test_inference_graph_is_the_default_one(dynamic):
     fresh = TinyMLP()
     fresh.load_state_dict({k: v for k, v in dynamic.model.state_dict().items() if not k.startswith("velora_fx.")})
-    backend = Counting(velora_fx.make_backend(VeloraConfig(num_groups=8)))
+    backend = Counting(velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8))))
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         out = torch.compile(fresh.eval(), backend=backend)(x)
@@ -615,7 +615,7 @@ def test_inference_graph_is_the_default_one(dynamic):
 @pytest.mark.parametrize("init", ["batch_average", "ema"])
 def test_refreshed_v_follows_every_step_without_recompiling(init):
     torch.manual_seed(5)
-    cfg = VeloraConfig(num_groups=8, init=init, ema_decay=0.5)
+    cfg = VeloraConfig(estimator=Velora(num_groups=8, init=init, ema_decay=0.5))
     model = TinyMLP()
     backend = Counting(velora_fx.make_backend(cfg))
     compiled = torch.compile(model, backend=backend)
@@ -652,7 +652,7 @@ def test_refreshed_v_follows_every_step_without_recompiling(init):
 
 def test_random_init_and_mode_option():
     torch.manual_seed(6)
-    cfg = VeloraConfig(num_groups=8, init="random", seed=3)
+    cfg = VeloraConfig(estimator=Velora(num_groups=8, init="random"), seed=3)
     model = TinyMLP()
     compiled = torch.compile(model, backend=velora_fx.make_backend(cfg), mode="reduce-overhead")
     saved_bytes_step(compiled, torch.randn(2, 4, 32))
@@ -675,7 +675,7 @@ def test_cache_hit_is_still_rewritten(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(7)
     model = TinyMLP(dim=24, hidden=40)
-    cfg = VeloraConfig(num_groups=4)
+    cfg = VeloraConfig(estimator=Velora(num_groups=4))
     x = torch.randn(2, 6, 24)
     with ti.compile_caches(True):
         torch._dynamo.reset()
@@ -707,7 +707,7 @@ def test_rewritten_graphs_generate_no_more_kernels_than_the_default_ones():
     x = torch.randn(2, 16, 64)
     with ti.compile_caches(False):
         velora_code = generated_code(lambda: saved_bytes_step(
-            torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8))), x))
+            torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8)))), x))
         default_code = generated_code(lambda: saved_bytes_step(torch.compile(default_model), x))
     assert len(velora_fx.report(model).compressed) == 6
     assert 0 < _generated_kernels(velora_code) <= _generated_kernels(default_code)
@@ -777,7 +777,7 @@ def test_a_users_joint_pre_pass_is_chained_not_replaced():
     torch.manual_seed(14)
     model = TinyMLP(dim=24, hidden=40)
     with inductor_config.patch(joint_custom_pre_pass=user), ti.compile_caches(False):
-        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4))),
+        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=4)))),
                          torch.randn(2, 3, 24))  # fmt: skip
         assert inductor_config.joint_custom_pre_pass is user  # restored after the compile
     assert user.seen == [2]  # it ran, after ours (it saw our two projections)

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 import velora_fx
-from velora_fx import VeloraConfig
+from velora_fx import Velora, VeloraConfig
 from velora_fx.report import COMPRESSED, SKIPPED
 
 from .backend_models import TinyMLP
 from .helpers import assert_close, capture_linears, directions, grads, saved_bytes_step, velora_dw
 
-CFG = VeloraConfig(num_groups=8)
+CFG = VeloraConfig(estimator=Velora(num_groups=8))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +52,7 @@ def test_num_groups_larger_than_features_stays_exact_and_non_dividing_sizes_are_
     model = TinyMLP(dim=30, hidden=45)  # fc1: D=30 < 32 groups; fc2: D=45 -> d=2, 23 sub-tokens, last one padded
     initial = copy.deepcopy(model)
     x = torch.randn(2, 6, 30)
-    cfg = VeloraConfig(num_groups=32)
+    cfg = VeloraConfig(estimator=Velora(num_groups=32))
     loss, _ = saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(cfg)), x)
     eager = copy.deepcopy(initial)
     seen, _ = capture_linears(eager)
@@ -76,7 +76,7 @@ def test_sub_token_size_one_is_not_compressed():
     """num_groups == D gives d = 1: p would be as large as X. Left exact, with the reason (as the FX route)."""
     model = _fresh(2)
     x = torch.randn(2, 4, 32)
-    saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=32))), x)
+    saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=32)))), x)
     by = {r.weight: r for r in velora_fx.report(model)}
     assert by["fc1.weight"].status == SKIPPED and "sub-token size 1" in by["fc1.weight"].reason, by["fc1.weight"]
     assert by["fc2.weight"].status == COMPRESSED  # D=48 -> d=2
@@ -226,14 +226,14 @@ def test_recompiling_with_another_config_is_a_clear_error(shared_backend):
     model = velora_fx.prepare(_fresh(11))
     saved_bytes_step(torch.compile(model, backend=shared_backend), torch.randn(2, 5, 32))
     assert directions(model)["fc1.weight"].shape == (4,)
-    other = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4)))
+    other = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=4))))
     with pytest.raises(ValueError, match=r"the projection of fc1\.weight \(velora_fx\.fc1\.weight\.v\) has shape \(4,\) "
                                          r"but this backend's config needs \(8,\) for D=32; compile with the config the "
                                          r"model was trained with"):  # fmt: skip
         other(torch.randn(2, 5, 32))
     # the same sizes under another config (scale) is accepted: v is kept, only the scale changes
     before = directions(model)
-    saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8, scale=0.5))),
+    saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8), scale=0.5))),
                      torch.randn(2, 5, 32))  # fmt: skip
     assert all(torch.equal(before[k], v) for k, v in directions(model).items())
 
@@ -243,8 +243,8 @@ def test_one_backend_two_configs_never_share_a_graph():
     compiled with two configs each run their own graph (a config kept on the model could be ignored on reuse)."""
     x = torch.randn(2, 5, 32)
     a, b = velora_fx.prepare(_fresh(14)), velora_fx.prepare(_fresh(14))
-    saved_bytes_step(torch.compile(a, backend=velora_fx.make_backend(VeloraConfig(num_groups=8))), x)
-    saved_bytes_step(torch.compile(b, backend=velora_fx.make_backend(VeloraConfig(num_groups=4))), x)
+    saved_bytes_step(torch.compile(a, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8)))), x)
+    saved_bytes_step(torch.compile(b, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=4)))), x)
     assert directions(a)["fc1.weight"].shape == (4,) and directions(b)["fc1.weight"].shape == (8,)
 
 

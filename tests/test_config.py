@@ -1,10 +1,11 @@
 import json
+import warnings
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from velora_fx import INIT_MODES, Quantized, VeloraConfig
+from velora_fx import INIT_MODES, Principal, PrincipalRandom, Quantized, RandomProjection, Velora, VeloraConfig
 
 
 def test_defaults_are_the_papers():
@@ -71,15 +72,22 @@ def test_patterns():
 
 configs = st.builds(
     VeloraConfig,
-    num_groups=st.one_of(st.none(), st.integers(1, 512)),
-    init=st.sampled_from(INIT_MODES),
-    ema_decay=st.floats(0, 0.999),
+    estimator=st.builds(Velora, num_groups=st.one_of(st.none(), st.integers(1, 512)), init=st.sampled_from(INIT_MODES),
+                        ema_decay=st.floats(0, 0.999)),
     seed=st.integers(0, 2**31),
     scale=st.floats(1e-6, 10),
     min_saved_bytes=st.integers(0, 2**40),
     include=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=3).map(tuple),
     exclude=st.lists(st.text(max_size=8), max_size=3).map(tuple),
-) | st.builds(VeloraConfig, sub_token_size=st.integers(1, 512)) | st.builds(
+) | st.builds(VeloraConfig, estimator=st.builds(Velora, sub_token_size=st.integers(1, 512))) | st.builds(
+    VeloraConfig,
+    estimator=st.one_of(
+        st.builds(RandomProjection, rank=st.integers(1, 64), refresh_every=st.integers(0, 100)),
+        st.builds(Principal, rank=st.integers(1, 64), refresh_decay=st.floats(0, 0.99)),
+        st.builds(PrincipalRandom, rank=st.integers(2, 64)),
+    ),
+    memory_budget=st.one_of(st.none(), st.floats(0.01, 1.0)),
+) | st.builds(
     VeloraConfig,
     estimator=st.builds(Quantized, bits=st.sampled_from([1, 2, 3, 4, 8]), group_size=st.integers(1, 32).map(lambda k: 8 * k),
                         rounding=st.sampled_from(["stochastic", "nearest"])),
@@ -95,3 +103,90 @@ def test_round_trips_through_a_json_dict(cfg):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown keys \\['groups'\\]"):
         VeloraConfig.from_dict({"groups": 4})
+
+
+# -- the config by estimator (0.3), and the flat spelling of 0.2 -------------------------------------------------
+
+
+def test_new_spellings_warn_nothing_and_default_to_the_paper():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = VeloraConfig()
+        assert cfg.estimator == Velora() == Velora(num_groups=32) and cfg.estimator_name == "velora"
+        VeloraConfig(estimator=Quantized(bits=3), scale=0.5, exclude=("lm_head.weight",), memory_budget=0.5)
+        VeloraConfig(estimator=PrincipalRandom(rank=8), seed=3)
+
+
+@pytest.mark.parametrize(
+    "old, new, spelled",
+    [
+        ({"num_groups": 16}, Velora(num_groups=16), r"estimator=velora_fx\.Velora\(num_groups=16\)"),
+        ({"sub_token_size": 8, "init": "ema"}, Velora(sub_token_size=8, init="ema"), r"Velora\(sub_token_size=8, init='ema'\)"),
+        ({"estimator": "random", "rank": 8, "refresh_every": 2}, RandomProjection(rank=8, refresh_every=2),
+         r"RandomProjection\(rank=8, refresh_every=2\)"),
+        ({"estimator": "principal", "num_groups": 16}, Principal(rank=16), r"Principal\(rank=16\)"),  # rank from num_groups
+        ({"estimator": "principal_random", "rank": 8, "random_rank": 2}, PrincipalRandom(rank=8, random_rank=2),
+         r"PrincipalRandom\(rank=8, random_rank=2\)"),
+    ],
+)
+def test_the_flat_spelling_of_0_2_works_and_says_the_new_one(old, new, spelled):
+    with pytest.warns(DeprecationWarning, match=spelled + r".*removed in 0\.4"):
+        cfg = VeloraConfig(**old, scale=0.5)
+    assert cfg == VeloraConfig(estimator=new, scale=0.5)
+    assert all(getattr(cfg, k) == v for k, v in old.items() if k in new.__dataclass_fields__)  # read back
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"estimator": Quantized(), "num_groups": 4}, r"num_groups is a field of Velora, not of VeloraConfig; this "
+                                                       r"config's estimator=Quantized\(...\) has no num_groups"),
+        ({"estimator": Velora(), "num_groups": 4}, r"give it to the estimator: Velora\(num_groups=4\)"),
+        ({"estimator": Velora(), "rank": 4}, r"rank is a field of RandomProjection and Principal and PrincipalRandom"),
+        ({"estimator": "random", "init": "ema"}, r"init is a field of Velora, not of RandomProjection"),
+        ({"estimator": "quantized"}, "must be Velora"),
+        ({"estimator": "pca"}, "must be Velora"),
+    ],
+)
+def test_a_field_given_to_the_wrong_place_is_an_error(kwargs, message):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(ValueError, match=message):
+            VeloraConfig(**kwargs)
+
+
+def test_each_estimator_validates_only_its_own_fields():
+    with pytest.raises(TypeError):
+        Velora(rank=4)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="RandomProjection.rank must be a positive int"):
+        RandomProjection(rank=0)
+    with pytest.raises(ValueError, match=r"Principal.refresh_decay must be in \[0, 1\)"):
+        Principal(refresh_decay=1.0)
+    with pytest.raises(ValueError, match="both at least 1"):
+        PrincipalRandom(rank=4, random_rank=4)
+    with pytest.raises(ValueError, match="already refreshes v every step"):
+        Velora(init="ema", refresh_every=10)
+
+
+@pytest.mark.parametrize(
+    "stored, new",
+    [  # what 0.2's to_dict() wrote: every flat field
+        ({"num_groups": 16, "sub_token_size": None, "init": "batch_average_once", "ema_decay": 0.9, "seed": 1,
+          "scale": 1.0, "min_saved_bytes": 0, "include": ["*"], "exclude": [], "memory_budget": None,
+          "estimator": "velora", "rank": None, "random_rank": None, "refresh_every": 0, "refresh_decay": 0.5},
+         VeloraConfig(estimator=Velora(num_groups=16), seed=1)),
+        ({"num_groups": 32, "sub_token_size": None, "init": "batch_average_once", "ema_decay": 0.9, "seed": 0,
+          "scale": 1.0, "min_saved_bytes": 0, "include": ["*"], "exclude": [], "memory_budget": 0.5,
+          "estimator": "random", "rank": 32, "random_rank": None, "refresh_every": 100, "refresh_decay": 0.5},
+         VeloraConfig(estimator=RandomProjection(rank=32, refresh_every=100), memory_budget=0.5)),
+        ({"num_groups": 32, "sub_token_size": None, "init": "batch_average_once", "ema_decay": 0.9, "seed": 0,
+          "scale": 1.0, "min_saved_bytes": 0, "include": ["*"], "exclude": [], "memory_budget": None,
+          "estimator": {"name": "quantized", "bits": 3, "group_size": 32, "rounding": "stochastic"}, "rank": None,
+          "random_rank": None, "refresh_every": 0, "refresh_decay": 0.5},
+         VeloraConfig(estimator=Quantized(bits=3))),
+    ],
+)
+def test_a_stored_0_2_config_loads_without_a_warning(stored, new):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert VeloraConfig.from_dict(stored) == new

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import velora_fx
-from velora_fx import Quantized, VeloraConfig
+from velora_fx import Principal, Quantized, RandomProjection, VeloraConfig
 
 from .backend_models import LlamaStack
 from .helpers import kept_bytes, saved_bytes_step
@@ -218,7 +218,7 @@ def test_a_basis_made_by_another_estimator_is_refused_in_both_routes():
     the scaled random basis as if it were principal. The basis records which estimator made it."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 64)
-    random_cfg, principal_cfg = VeloraConfig(estimator="random", rank=8), VeloraConfig(estimator="principal", rank=8)
+    random_cfg, principal_cfg = VeloraConfig(estimator=RandomProjection(rank=8)), VeloraConfig(estimator=Principal(rank=8))
     model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96))
     saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(random_cfg)), x)
     state = model.state_dict()
@@ -249,13 +249,12 @@ def test_a_checkpoint_without_a_schedule_resumes_counting_from_its_load():
     x = torch.randn(2, 8, 64)
     model = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96))
     for _ in range(2):
-        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator="random", rank=8))), x)
+        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=RandomProjection(rank=8)))), x)
     state = model.state_dict()
     assert not any(k.endswith(".step") for k in state)
     resumed = velora_fx.prepare(LlamaStack(blocks=1, dim=64, heads=2, hidden=96))
     resumed.load_state_dict(state)
-    scheduled = torch.compile(resumed, backend=velora_fx.make_backend(VeloraConfig(estimator="random", rank=8,
-                                                                                   refresh_every=3)))  # fmt: skip
+    scheduled = torch.compile(resumed, backend=velora_fx.make_backend(VeloraConfig(estimator=RandomProjection(rank=8, refresh_every=3))))  # fmt: skip
     name = "layers.0.mlp.down_proj.weight"
     first = velora_fx.projections(resumed)[name].basis.clone()
     for step in range(1, 5):
@@ -302,7 +301,7 @@ def test_one_step_is_one_optimizer_step(setup):
     torch.manual_seed(0)
     model = velora_fx.prepare(_BothSides() if setup == "graph break" else torch.nn.Sequential(
         torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)))  # fmt: skip
-    cfg = VeloraConfig(estimator="random", rank=8, refresh_every=2)
+    cfg = VeloraConfig(estimator=RandomProjection(rank=8, refresh_every=2))
     compiled = torch.compile(model, backend=velora_fx.make_backend(cfg))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     micro = 3 if setup == "accumulation" else 1
@@ -353,7 +352,7 @@ def test_one_step_is_one_optimizer_step_on_the_fx_route():
 
     torch.manual_seed(0)
     gm = velora_fx.transform(torch.fx.symbolic_trace(TinyMLP(dim=64, hidden=96)),
-                             VeloraConfig(estimator="random", rank=8, refresh_every=2))  # fmt: skip
+                             VeloraConfig(estimator=RandomProjection(rank=8, refresh_every=2)))  # fmt: skip
     opt = torch.optim.SGD(gm.parameters(), lr=1e-3)
     for _ in range(4):
         for _ in range(3):

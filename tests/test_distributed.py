@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import velora_fx
-from velora_fx import Quantized, VeloraConfig, ops
+from velora_fx import PrincipalRandom, Quantized, Velora, VeloraConfig, ops
 from velora_fx.report import COMPRESSED
 
 from .helpers import directions
 
 WORLD = 2
-CFG = VeloraConfig(num_groups=8)
-PR_CFG = VeloraConfig(estimator="principal_random", rank=6, refresh_every=2)
+CFG = VeloraConfig(estimator=Velora(num_groups=8))
+PR_CFG = VeloraConfig(estimator=PrincipalRandom(rank=6, refresh_every=2))
 Q_CFG = VeloraConfig(estimator=Quantized(bits=2, group_size=8))
 TIMEOUT_S = 240
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -299,7 +299,7 @@ def test_refreshing_init_is_refused_under_distributed(monkeypatch):
     monkeypatch.setattr(velora_fx.compile_backend, "distributed", lambda: True)
     torch._dynamo.reset()
     model = Net()
-    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8, init="ema")))
+    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8, init="ema"))))
     with pytest.raises(Exception, match="velora_fx: init='ema'.*different v"):
         compiled(torch.randn(2, 3, 16)).sum().backward()
 

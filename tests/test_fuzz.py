@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import velora_fx
-from velora_fx import Quantized, VeloraConfig, ops, quantized
+from velora_fx import Quantized, Velora, VeloraConfig, ops, quantized
 from velora_fx.report import COMPRESSED, SKIPPED
 
 from .helpers import directions
@@ -389,7 +389,7 @@ def check_architecture(spec: ArchSpec, seed: int, note=print) -> None:
     x = torch.randn(*spec.lead, spec.dim)
     r = torch.randn(*spec.lead, model.out_width)
     cfg = (VeloraConfig(estimator=Quantized(*spec.quant), scale=spec.scale) if spec.quant else
-           VeloraConfig(num_groups=spec.num_groups, scale=spec.scale))  # fmt: skip
+           VeloraConfig(estimator=Velora(num_groups=spec.num_groups), scale=spec.scale))  # fmt: skip
     if spec.prepared:
         children = list(model.children())
         velora_fx.prepare(model)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import velora_fx
-from velora_fx import VeloraConfig, ops
+from velora_fx import Velora, VeloraConfig, ops
 
 from .capture import reference_step, velora_dw
 from .models import MLP, FunctionalNet, LlamaBlock, LlamaStack
@@ -74,7 +74,7 @@ def _check_against_reference(model, x, config, atol=1e-5, rtol=1e-4, lossy=True)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("config", [VeloraConfig(num_groups=8), VeloraConfig(sub_token_size=12, scale=0.1)],
+@pytest.mark.parametrize("config", [VeloraConfig(estimator=Velora(num_groups=8)), VeloraConfig(estimator=Velora(sub_token_size=12), scale=0.1)],
                          ids=["g8", "d12-scale0.1"])
 def test_training_step_matches_reference(name, config):
     make_model, make_x = MODELS[name]
@@ -84,7 +84,7 @@ def test_training_step_matches_reference(name, config):
 def test_llama_stack_tokens_and_tied_head():
     model = LlamaStack(layers=2)
     tokens = torch.randint(0, 97, (2, 12))
-    gm = _transformed(model, VeloraConfig(num_groups=16))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=16)))
     ref, ref_out, _, seen = reference_step(model, tokens)
     out = gm(tokens)
     _loss(out).backward()
@@ -98,7 +98,7 @@ def test_llama_stack_tokens_and_tied_head():
 
 
 def test_graph_structure_and_idempotence():
-    gm = _transformed(FunctionalNet(), VeloraConfig(num_groups=8))
+    gm = _transformed(FunctionalNet(), VeloraConfig(estimator=Velora(num_groups=8)))
     sites = [n for n in gm.graph.nodes if n.target is velora_fx.fx.linear]
     assert [n.kwargs["name"] for n in sites] == ["w1", "w2", "w3", "w4"]
     assert all(n.args[0].op == "get_attr" and n.args[0].target == "velora_fx" for n in sites)  # the model's state
@@ -115,17 +115,17 @@ def test_graph_structure_and_idempotence():
     ]
     assert "frozen weight" in rep.skipped[0].reason
     code = gm.code
-    result = velora_fx.fx.linear_pass(gm, VeloraConfig(num_groups=8))
+    result = velora_fx.fx.linear_pass(gm, VeloraConfig(estimator=Velora(num_groups=8)))
     assert not result.modified and gm.code == code
-    assert velora_fx.transform(gm, VeloraConfig(num_groups=8)) is gm
+    assert velora_fx.transform(gm, VeloraConfig(estimator=Velora(num_groups=8))) is gm
     assert [(r.weight, r.status) for r in velora_fx.report(gm)] == [(r.weight, r.status) for r in rep]  # not doubled
     with pytest.raises(ValueError, match="already transformed"):
-        velora_fx.transform(gm, VeloraConfig(num_groups=4))
+        velora_fx.transform(gm, VeloraConfig(estimator=Velora(num_groups=4)))
 
 
 def test_skips_are_reported_and_exact():
     model = LlamaBlock()
-    config = VeloraConfig(num_groups=8, include=("*.v_proj.weight", "*proj.weight"), exclude=("q_proj.*",))
+    config = VeloraConfig(estimator=Velora(num_groups=8), include=("*.v_proj.weight", "*proj.weight"), exclude=("q_proj.*",))
     model.k_proj.weight.requires_grad_(False)
     gm = _check_against_reference(model, torch.randn(2, 8, 64), config)
     reasons = {r.weight: r.reason for r in velora_fx.report(gm).skipped}
@@ -137,7 +137,7 @@ def test_skips_are_reported_and_exact():
         "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"}
 
     tiny = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 8))
-    rep = velora_fx.report(_transformed(tiny, VeloraConfig(num_groups=8)))
+    rep = velora_fx.report(_transformed(tiny, VeloraConfig(estimator=Velora(num_groups=8))))
     assert [r.status for r in rep] == ["skipped", "compressed", "compressed"]
     assert "feature size 4 is smaller than num_groups 8" in rep[0].reason
 
@@ -145,7 +145,7 @@ def test_skips_are_reported_and_exact():
 def test_min_saved_bytes_keeps_small_inputs_exact():
     model = MLP()
     x = torch.randn(2, 3, 64)  # fc1 input: 2*3*64*4 = 1536 bytes; fc2/head inputs 3072
-    gm = _transformed(model, VeloraConfig(num_groups=8, min_saved_bytes=2000))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=8), min_saved_bytes=2000))
     ref, _, _, _ = reference_step(model, x)
     _loss(gm(x)).backward()
     torch.testing.assert_close(gm.fc1.weight.grad, ref.fc1.weight.grad, rtol=0, atol=0)
@@ -161,7 +161,7 @@ def test_exact_when_every_sub_token_is_a_positive_multiple_of_one_vector():
     coeff = torch.rand(5, 6, groups) + 0.1
     x = (coeff.unsqueeze(-1) * u).reshape(5, 6, groups * d)
     model = nn.Linear(groups * d, 10)
-    gm = _transformed(model, VeloraConfig(num_groups=groups))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=groups)))
     ref = copy.deepcopy(model)
     _loss(gm(x)).backward()
     _loss(ref(x)).backward()
@@ -171,7 +171,7 @@ def test_exact_when_every_sub_token_is_a_positive_multiple_of_one_vector():
 
 def test_compressed_dw_has_rank_one_blocks_along_v():
     model = nn.Linear(40, 24)
-    gm = _transformed(model, VeloraConfig(sub_token_size=10))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(sub_token_size=10)))
     _loss(gm(torch.randn(6, 40))).backward()
     v = velora_fx.projections(gm)["weight"].v
     blocks = gm.weight.grad.reshape(24 * 4, 10)  # (rows, sub_token_size)
@@ -197,7 +197,7 @@ def _saved_bytes(fn) -> int:
 def test_saved_bytes_of_one_linear(groups):
     n_tokens, features = 512, 256
     model = nn.Linear(features, 128)
-    gm = _transformed(model, VeloraConfig(num_groups=groups))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=groups)))
     x = torch.randn(4, n_tokens // 4, features)
     velora_fx.calibrate(gm, x)
     before, _ = _saved_bytes(lambda: model(x))
@@ -211,7 +211,7 @@ def test_saved_bytes_of_one_linear(groups):
 
 def test_no_grad_and_inference_do_no_projection_work(monkeypatch):
     model = LlamaBlock()
-    gm = _transformed(model, VeloraConfig(num_groups=8))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=8)))
     x = torch.randn(2, 8, 64)
     calls = []
     monkeypatch.setattr(ops, "project", lambda *a: calls.append(a) or pytest.fail("projected"))
@@ -229,7 +229,7 @@ def test_state_dict_resume_is_bit_identical():
     batches = [torch.randint(0, 97, (2, 12)) for _ in range(6)]
 
     def make():
-        gm = _transformed(model, VeloraConfig(num_groups=8))
+        gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=8)))
         return gm, torch.optim.AdamW(gm.parameters(), lr=1e-2)
 
     def step(gm, opt, tokens):
@@ -261,7 +261,7 @@ def test_state_dict_resume_is_bit_identical():
 
 def test_calibrate_explicitly_keeps_rng_and_loaded_v():
     model = MLP()
-    gm = _transformed(model, VeloraConfig(num_groups=8))
+    gm = _transformed(model, VeloraConfig(estimator=Velora(num_groups=8)))
     x = torch.randn(4, 64)
     state = torch.get_rng_state()
     rep = velora_fx.calibrate(gm, x)
@@ -276,7 +276,7 @@ def test_calibrate_explicitly_keeps_rng_and_loaded_v():
 
 
 def test_bad_calibration_batches():
-    gm = _transformed(nn.Linear(16, 4), VeloraConfig(num_groups=4))
+    gm = _transformed(nn.Linear(16, 4), VeloraConfig(estimator=Velora(num_groups=4)))
     with pytest.raises(ValueError, match=r"weight 'weight' \(graph node 'linear'\) holds NaN or inf"):
         gm(torch.full((3, 16), float("nan")))
     assert not velora_fx.projections(gm)["weight"].calibrated
@@ -286,7 +286,7 @@ def test_bad_calibration_batches():
 
 @pytest.mark.parametrize("init", ["batch_average", "ema", "random"])
 def test_other_init_modes(init):
-    config = VeloraConfig(num_groups=4, init=init, ema_decay=0.5)
+    config = VeloraConfig(estimator=Velora(num_groups=4, init=init, ema_decay=0.5))
     gm = _transformed(nn.Linear(16, 4), config)
     proj = velora_fx.projections(gm)["weight"]
     xs = [torch.randn(5, 16) + i for i in range(3)]
@@ -312,13 +312,13 @@ def test_other_init_modes(init):
     lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
     features=st.integers(1, 40),
     out_features=st.integers(1, 9),
-    split=st.one_of(st.builds(lambda g: VeloraConfig(num_groups=g), st.integers(1, 12)),
-                    st.builds(lambda d: VeloraConfig(sub_token_size=d), st.integers(1, 12))),
+    split=st.one_of(st.builds(lambda g: VeloraConfig(estimator=Velora(num_groups=g)), st.integers(1, 12)),
+                    st.builds(lambda d: VeloraConfig(estimator=Velora(sub_token_size=d)), st.integers(1, 12))),
     bias=st.booleans(),
     scale=st.sampled_from([1.0, 0.25]),
 )
 def test_single_linear_any_shape(lead, features, out_features, split, bias, scale):
-    config = VeloraConfig(num_groups=split.num_groups, sub_token_size=split.sub_token_size, scale=scale)
+    config = VeloraConfig(estimator=Velora(num_groups=split.num_groups, sub_token_size=split.sub_token_size), scale=scale)
     model = nn.Linear(features, out_features, bias=bias).double()
     x = torch.randn(*lead, features, dtype=torch.float64) + 0.5
     if config.why_not_splittable(features):
@@ -333,11 +333,11 @@ def test_single_linear_any_shape(lead, features, out_features, split, bias, scal
 def test_low_precision_weights(dtype):
     model = MLP().to(dtype)
     x = torch.randn(4, 6, 64, dtype=dtype)
-    _check_against_reference(model, x, VeloraConfig(num_groups=8), atol=2e-2, rtol=2e-2)
+    _check_against_reference(model, x, VeloraConfig(estimator=Velora(num_groups=8)), atol=2e-2, rtol=2e-2)
 
 
 def test_compiled_fullgraph_after_calibration_no_recompiles():
-    gm = _transformed(LlamaBlock(), VeloraConfig(num_groups=8))
+    gm = _transformed(LlamaBlock(), VeloraConfig(estimator=Velora(num_groups=8)))
     x = torch.randn(2, 16, 64)
     velora_fx.calibrate(gm, x)
     v_before = {k: p.v.clone() for k, p in velora_fx.projections(gm).items()}
@@ -369,7 +369,7 @@ def test_transform_rejects_non_graph_modules():
 
 
 def test_double_backward_is_refused_not_wrong():
-    gm = _transformed(MLP(), VeloraConfig(num_groups=8))
+    gm = _transformed(MLP(), VeloraConfig(estimator=Velora(num_groups=8)))
     x = torch.randn(4, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward .* not supported"):
         torch.autograd.grad(gm(x).sum(), x, create_graph=True)

@@ -22,12 +22,13 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import velora_fx  # noqa: E402
+from velora_fx import Velora
 from velora_fx import VeloraConfig, ops  # noqa: E402
 from velora_fx.report import COMPRESSED, SKIPPED  # noqa: E402
 
 from .helpers import Run, assert_close, directions, grads, saved_bytes_step, state_keys  # noqa: E402
 
-HF_CFG = VeloraConfig(num_groups=8)  # small dims (32-64) still split
+HF_CFG = VeloraConfig(estimator=Velora(num_groups=8))  # small dims (32-64) still split
 BATCH, SEQ, VOCAB = 2, 16, 128
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import velora_fx
-from velora_fx import VeloraConfig
+from velora_fx import Velora, VeloraConfig
 from velora_fx import _torch_internals as ti
 from velora_fx.compile_backend import rewrite_options
 from velora_fx.passes import joint_graph as jg
@@ -39,7 +39,7 @@ def runs():
     with ti.compile_caches(False):
         for budget in BUDGETS:
             model = velora_fx.prepare(copy.deepcopy(base))
-            compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=8, memory_budget=budget)))
+            compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=8), memory_budget=budget)))
             kept_bytes(compiled, x)  # compile, calibrate
             flag_after = torch._functorch.config.activation_memory_budget
             out[budget] = Run(model=model, kept=kept_bytes(compiled, x), report=velora_fx.report(model), flag=flag_after)
@@ -98,6 +98,6 @@ def test_summary_survives_a_compile_cache_hit(tmp_path, monkeypatch):
             shutil.rmtree(tmp_path / "aotautograd")
         torch._dynamo.reset()
         model = copy.deepcopy(base)
-        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(num_groups=4, memory_budget=0.5))), x)
+        saved_bytes_step(torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Velora(num_groups=4), memory_budget=0.5))), x)
         summaries.append(velora_fx.report(model).graphs)
     assert summaries[0] and all(s == summaries[0] for s in summaries), summaries

@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 import velora_fx
-from velora_fx import VeloraConfig, ops
+from velora_fx import Velora, VeloraConfig, ops
 from velora_fx import runtime, state
 
 from .backend_models import LlamaStack, TinyMLP
@@ -37,7 +37,7 @@ from .helpers import (
     velora_dw,
 )
 
-CFG = VeloraConfig(num_groups=4)
+CFG = VeloraConfig(estimator=Velora(num_groups=4))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +87,7 @@ def _step_for(how: str, model: LlamaStack, backend):
 
 @pytest.mark.parametrize("how", ["model", "wrapper", "function", "loop"])
 def test_names_do_not_depend_on_how_the_call_is_wrapped(how):
-    cfg = VeloraConfig(num_groups=4, init="random", seed=3, exclude=("layers.1.*",))
+    cfg = VeloraConfig(estimator=Velora(num_groups=4, init="random"), seed=3, exclude=("layers.1.*",))
     torch.manual_seed(0)
     model = velora_fx.prepare(LlamaStack(blocks=2, dim=16, heads=2, hidden=24))
     step = _step_for(how, model, velora_fx.make_backend(cfg))

@@ -17,13 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import velora_fx
-from velora_fx import VeloraConfig
+from velora_fx import Velora, VeloraConfig
 from velora_fx.report import COMPRESSED
 
 from .backend_models import LlamaStack, SwiGLU, TinyMLP
 from .helpers import Run, assert_close, capture_linears, directions, grads, patched_with_velora_linear, saved_bytes_step
 
-CFG = VeloraConfig(num_groups=8)
+CFG = VeloraConfig(estimator=Velora(num_groups=8))
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 
 

@@ -9,11 +9,11 @@ model code::
     gm = velora_fx.transform(torch.fx.symbolic_trace(model))           # or the FX route, for eager training
     print(velora_fx.report(model))
 
-Other estimators by config: the token-level projections (``VeloraConfig(estimator="random", ...)``) and every
-coordinate at a few bits (``VeloraConfig(estimator=velora_fx.Quantized(bits=2))``).
+Other estimators by config: the token-level projections (``VeloraConfig(estimator=velora_fx.RandomProjection(rank=32))``,
+``Principal``, ``PrincipalRandom``) and every coordinate at a few bits (``VeloraConfig(estimator=velora_fx.Quantized(bits=2))``).
 """
 
-from .config import INIT_MODES, Quantized, VeloraConfig
+from .config import INIT_MODES, Principal, PrincipalRandom, Quantized, RandomProjection, Velora, VeloraConfig
 from .state import Projection, load_state, prepare, projections
 from .fx import transform
 from .ops import project, reconstruct, velora_linear
@@ -23,10 +23,14 @@ from .compile_backend import backend, make_backend
 
 __all__ = [
     "INIT_MODES",
+    "Principal",
+    "PrincipalRandom",
     "Projection",
     "Quantized",
+    "RandomProjection",
     "Report",
     "SiteRecord",
+    "Velora",
     "VeloraConfig",
     "backend",
     "calibrate",
@@ -40,5 +44,5 @@ __all__ = [
     "transform",
     "velora_linear",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 

@@ -56,7 +56,7 @@ class Estimator:
 
     @property
     def refresh_every(self) -> int:
-        return self.config.refresh_every
+        return self.config.estimator.refresh_every
 
     @property
     def refreshed_in_graph(self) -> bool:

@@ -75,7 +75,7 @@ class VeloraBackend:
         estimator = for_config(config)
         if estimator.refreshed_in_graph and distributed():
             raise ValueError(
-                f"velora_fx: init={config.init!r} recomputes v from each rank's own batch inside the compiled graph, "
+                f"velora_fx: init={config.estimator.init!r} recomputes v from each rank's own batch inside the compiled graph, "
                 "so the ranks of this torch.distributed job would train with different v; use "
                 "init='batch_average_once' (calibrated once from the global first batch) or init='random' (seeded, "
                 "the same on every rank)"
@@ -90,7 +90,7 @@ class VeloraBackend:
         if estimator.refreshed_in_graph:
             basis_at = {num_inputs + j: node for j, node in enumerate(basis_nodes)}
             uses_by_primal = {i: u.uses for i, u in uses.items()}
-            decay = config.ema_decay if config.init == "ema" else None
+            decay = config.estimator.ema_decay if config.estimator.init == "ema" else None
             n_refresh = insert_direction_refresh(new_gm, slots, uses_by_primal, basis_at, refreshed_direction, decay)
         spec = GraphSpec(name, num_inputs + len(new_inputs), tuple(slots))
         parameters = {i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))

@@ -39,11 +39,11 @@ import torch
 
 from . import ops, projection_graph
 from .codec import Estimator
-from .config import Quantized, VeloraConfig
+from .config import Principal, PrincipalRandom, Quantized, RandomProjection, Velora, VeloraConfig
 from .quantized import QuantizedEstimator
 
-__all__ = ["Estimator", "ProjectionCodec", "Velora", "RandomProjection", "Principal", "PrincipalRandom",
-           "QuantizedEstimator", "for_config"]  # fmt: skip
+__all__ = ["Estimator", "ProjectionCodec", "VeloraCodec", "RandomCodec", "PrincipalCodec", "PrincipalRandomCodec",
+           "QuantizedEstimator", "CODECS", "for_config"]  # fmt: skip
 
 
 def _finite(tensor: torch.Tensor, name: str) -> None:
@@ -105,7 +105,7 @@ class ProjectionCodec(Estimator):
     source_modules = ("velora_fx.projection_graph",)
 
     def basis_shape(self, features: int):
-        k = self.config.rank
+        k = self.config.estimator.rank
         if k >= features:
             return None, (f"feature size {features} is not larger than rank {k}: the projection would keep as much "
                           "as the input; use a smaller rank (or exclude this weight) to compress it")  # fmt: skip
@@ -148,7 +148,7 @@ class ProjectionCodec(Estimator):
         return -(-features // d) * r
 
 
-class Velora(ProjectionCodec):
+class VeloraCodec(ProjectionCodec):
     """VeLoRA (the paper's, the default): one unit direction ``v`` per weight, ``d = ceil(D / num_groups)``, ``r = 1``.
 
     State: ``v`` of shape ``(d,)``. ``init`` chooses it: the normalised mean
@@ -163,28 +163,28 @@ class Velora(ProjectionCodec):
 
     @property
     def refreshed_in_graph(self) -> bool:
-        return self.config.init in ("batch_average", "ema")
+        return self.config.estimator.init in ("batch_average", "ema")
 
     @property
     def shares_per_input(self) -> bool:
-        return self.config.init != "random"
+        return self.config.estimator.init != "random"
 
     @property
     def refresh_needs_data(self) -> bool:
-        return self.config.init != "random"
+        return self.config.estimator.init != "random"
 
     def basis_shape(self, features: int):
-        reason = self.config.why_not_splittable(features)
+        reason = self.config.estimator.why_not_splittable(features)
         if reason:
             return None, reason
-        return (self.config.sub_token_size_for(features), 1), ""
+        return (self.config.estimator.sub_token_size_for(features), 1), ""
 
     def state_shape(self, basis_shape) -> tuple[int, ...]:
         return (basis_shape[0],)
 
     def initial(self, basis_shape, name: str):
         d = basis_shape[0]
-        if self.config.init == "random":
+        if self.config.estimator.init == "random":
             return ops.random_direction(d, self.config.seed, name), self._step()
         return torch.zeros(d, dtype=torch.float32), self._step()
 
@@ -199,12 +199,12 @@ class Velora(ProjectionCodec):
         return ops.direction_from_mean((total / count).float(), name)
 
     def refreshed(self, basis, total, count, name, index):
-        if self.config.init == "random":
+        if self.config.estimator.init == "random":
             return ops.random_direction(basis.shape[0], self.config.seed, name, index)
         return basis if count == 0 else ops.direction_from_mean((total / count).float(), name)
 
 
-class RandomProjection(ProjectionCodec):
+class RandomCodec(ProjectionCodec):
     """``B = Q √(D/k)``, ``Q`` a seeded random orthonormal ``(D, k)`` basis: unbiased (NOTE [bias and variance of the
     estimators]); calibrated from the start, re-seeded every ``refresh_every`` steps."""
 
@@ -222,7 +222,7 @@ class RandomProjection(ProjectionCodec):
         return self._basis(tuple(basis.shape), name, index)
 
 
-class Principal(ProjectionCodec):
+class PrincipalCodec(ProjectionCodec):
     """``B = U``, the top-``rank`` eigenvectors of the first batch's uncentred second moment ``XᵀX / N``; every
     ``refresh_every`` steps one warm-started subspace iteration on the batch at hand, averaged with the current
     ``U`` (``refresh_decay``), moves it smoothly."""
@@ -248,17 +248,17 @@ class Principal(ProjectionCodec):
     def refreshed(self, basis, total, count, name, index):
         if count == 0 or not bool(torch.isfinite(total).all()):
             return basis  # nothing usable in this batch: keep following from the next refresh
-        return _smooth_subspace_step(basis.double(), total / count, self.config.refresh_decay).float()
+        return _smooth_subspace_step(basis.double(), total / count, self.config.estimator.refresh_decay).float()
 
 
-class PrincipalRandom(Principal):
+class PrincipalRandomCodec(PrincipalCodec):
     """``B = [U, Q √((D − k₁)/k₂)]``: the top ``k₁ = rank − random_rank`` principal directions, and a seeded random
     orthonormal basis ``Q`` of ``k₂ = random_rank`` directions in their orthogonal complement: unbiased, with
     variance from the residual only (NOTE [bias and variance of the estimators]). A refresh moves ``U`` as
     ``principal`` does and re-seeds ``Q`` in the new complement."""
 
     def _principal_rank(self, basis_shape) -> int:
-        return basis_shape[1] - self.config.random_rank
+        return basis_shape[1] - self.config.estimator.random_rank
 
     def calibrated(self, total, count, name, basis_shape):
         u = super().calibrated(total, count, name, basis_shape)
@@ -266,7 +266,7 @@ class PrincipalRandom(Principal):
 
     def _with_residual(self, u: torch.Tensor, basis_shape, name: str, index: int) -> torch.Tensor:
         d, k = basis_shape
-        k1, k2 = k - self.config.random_rank, self.config.random_rank
+        k1, k2 = k - self.config.estimator.random_rank, self.config.estimator.random_rank
         q = _orthonormal_random(d, k2, self.config.seed, name, index, against=u)
         return torch.cat([u, q * math.sqrt((d - k1) / k2)], dim=1).float()
 
@@ -274,15 +274,22 @@ class PrincipalRandom(Principal):
         k1 = self._principal_rank(tuple(basis.shape))
         u = basis[:, :k1].double()
         if count and bool(torch.isfinite(total).all()):
-            u = _smooth_subspace_step(u, total / count, self.config.refresh_decay)
+            u = _smooth_subspace_step(u, total / count, self.config.estimator.refresh_decay)
         return self._with_residual(u, tuple(basis.shape), name, index)
+
+
+#: the codec of each estimator's settings: adding an estimator adds one line here
+CODECS: dict[type, type[Estimator]] = {
+    Velora: VeloraCodec,
+    RandomProjection: RandomCodec,
+    Principal: PrincipalCodec,
+    PrincipalRandom: PrincipalRandomCodec,
+    Quantized: QuantizedEstimator,
+}
 
 
 @functools.lru_cache(maxsize=64)
 def for_config(config: VeloraConfig) -> Estimator:
-    """The estimator a config asks for (one object per config: the FX route asks on every call of a site, and an
-    estimator is stateless given its config)."""
-    if isinstance(config.estimator, Quantized):
-        return QuantizedEstimator(config)
-    return {"velora": Velora, "random": RandomProjection, "principal": Principal,
-            "principal_random": PrincipalRandom}[config.estimator](config)  # fmt: skip
+    """The codec of a config's estimator (one object per config: the FX route asks on every call of a site, and a
+    codec is stateless given its config)."""
+    return CODECS[type(config.estimator)](config)

@@ -92,9 +92,10 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
     if not entry.calibrated:
         _calibrate(state, name, x, site)
     basis = entry.basis
-    if cfg.init in ("batch_average", "ema") and not forced:
+    if est.refreshed_in_graph and not forced:  # VeLoRA's batch_average / ema: this step's v, from this batch
         with torch.no_grad():
-            basis = ops.refreshed_direction(basis, x, cfg.ema_decay if cfg.init == "ema" else None)
+            init = cfg.estimator.init
+            basis = ops.refreshed_direction(basis, x, cfg.estimator.ema_decay if init == "ema" else None)
         entry.set_basis(basis)
     if not torch.is_grad_enabled():
         return None  # a calibration-only call
