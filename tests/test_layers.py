@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 #: the layers, lowest first; docs/design.md draws the same diagram
 LAYERS = [
-    {"_torch_internals", "config", "records"},  # vocabulary: no velora_fx imports but each other's
+    {"_torch_internals", "settings", "config", "records"},  # vocabulary: no velora_fx imports but each other's
     {"codec", "ops", "projection", "steps"},  # the codec interface, the math, one projection's state
     {"passes.sites", "passes.direction_op", "passes.contract", "passes.graph_writer", "passes.joint_plan",
      "passes.joint_rewrite", "passes.joint_graph", "passes.dynamo_graph", "passes.fx_linear",  # the graph rewrites
