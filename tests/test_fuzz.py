@@ -282,14 +282,17 @@ def _close(got, want, what, autocast: bool, loose: bool = False):
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def _close_quantized_bf16(got, want, what):
+def _close_quantized_bf16(got, want, what, drift):
     """The quantized formula under bf16 autocast: the oracle encodes in eager, which rounds a little differently from
     Inductor's fused code, and a stochastic code whose value sits at its threshold flips by a whole step (range /
     (2^bits - 1)) of one element — a large change of a few elements of ``dW`` (found by the fuzzer: 3 of 768; 1 of
-    144, 13 % of the norm). So: every element within bf16 rounding but a few (≤ max(2, 2 %)) code flips."""
+    144, 13 % of the norm). And the formula's ``g`` is eager's, which drifts from compiled code's through the layers
+    above in bf16: ``drift`` is that drift on this weight's exact ``dW`` (default compile against eager; found by the
+    fuzzer's 1000-example run: 12 of 576 elements of a first layer under gelu and attention, beyond the fixed
+    tolerance). So: every element within bf16 rounding plus twice the drift, but a few (≤ max(2, 2 %)) code flips."""
     got, want = got.float(), want.float()
     scale = max(1.0, float(want.abs().max()) if want.numel() else 1.0)
-    off = int(((got - want).abs() > 8e-2 * scale + 5e-2 * want.abs()).sum())
+    off = int(((got - want).abs() > 8e-2 * scale + 5e-2 * want.abs() + 2 * drift).sum())
     assert off <= max(2, 0.02 * want.numel()), f"{what}: {off} of {want.numel()} elements off"
 
 
@@ -361,6 +364,17 @@ QUANT_BF16_FLIP_SMALL = ArchSpec(
 )  # fmt: skip
 
 
+#: found by the 1000-example run of this stop: the first layer's dW, quantized under bf16 autocast, drifts with eager's g
+QUANT_BF16_DRIFT = ArchSpec(
+    dim=24, lead=(3, 4), num_groups=3, scale=0.5, autocast=True, dynamic=True, prepared=False, quant=(2, 8),
+    sequential=True, blocks=(
+        BlockSpec(kind="linear", lins=(LinSpec("matmul_t", 24, False, False),), act="gelu"),
+        BlockSpec(kind="attn", residual=True, heads=4, lins=(
+            LinSpec("functional", 24, False, False), LinSpec("bmm", 24, False, True), LinSpec("bmm", 24, False, False),
+            LinSpec("functional", 24, True, False))),
+    ),
+)  # fmt: skip
+
 #: the examples earlier runs found, with the seed each failed at: ``tests/test_fuzz_found.py`` runs them (beside this
 #: file, on another worker), every time
 FOUND = {
@@ -368,6 +382,7 @@ FOUND = {
     "bf16_deep": (BF16_DEEP, 0),
     "quant_bf16_flip": (QUANT_BF16_FLIP, 1260),
     "quant_bf16_flip_small": (QUANT_BF16_FLIP_SMALL, 6317),
+    "quant_bf16_drift": (QUANT_BF16_DRIFT, 11296),
 }
 
 
@@ -402,6 +417,7 @@ def check_architecture(spec: ArchSpec, seed: int, note=print) -> None:
         if isinstance(mod, Lin):
             mod.taps = taps[name] = []
     want_out, want_dx, want = _step(eager, x, r, spec.autocast)
+    eager_grads = want
     if spec.autocast:  # in bf16, compiled code rounds differently from eager: the exact reference is default compile
         want_out, want_dx, want = _step(torch.compile(default_model), x, r, spec.autocast)
     _close(out, want_out, "output", spec.autocast)
@@ -440,8 +456,8 @@ def check_architecture(spec: ArchSpec, seed: int, note=print) -> None:
             assert v.shape == (cfg.sub_token_size_for(xs.shape[-1]),)
             _close(v, ops.initial_direction(xs, v.shape[0], weight), f"{weight} v", spec.autocast, loose=True)
         want_dw = _velora_dw(lins[lin_name], uses, v, spec.scale, spec.autocast, statuses[weight], spec.quant)
-        if spec.quant and spec.autocast:
-            _close_quantized_bf16(got[weight], want_dw, weight)
+        if spec.quant and spec.autocast:  # how far eager's bf16 dW of this weight is from compiled code's, exactly
+            _close_quantized_bf16(got[weight], want_dw, weight, (want[weight] - eager_grads[weight]).abs().float())
         else:
             _close(got[weight], want_dw, weight, spec.autocast, loose=True)
 
