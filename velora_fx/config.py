@@ -264,13 +264,14 @@ def _estimator_settings(estimator: Any, legacy: dict[str, Any]) -> EstimatorSett
     own = {f.name for f in dataclasses.fields(cls)}
     legacy = dict(legacy)
     if cls is not Velora and legacy.get("num_groups") is not None:  # 0.2: rank defaulted to num_groups
-        legacy.setdefault("rank", legacy["num_groups"])
+        if legacy.get("rank") is None:
+            legacy["rank"] = legacy["num_groups"]
         legacy.pop("num_groups")
     foreign = {k: v for k, v in legacy.items() if k not in own and v != _LEGACY_DEFAULTS[k]}  # 0.2 ignored defaults
     if foreign:
         k = next(iter(foreign))
         raise ValueError(f"VeloraConfig: {k} is a field of {_owners(k)}, not of {cls.__name__} (estimator={name!r})")
-    mine = {k: v for k, v in legacy.items() if k in own}
+    mine = {k: v for k, v in legacy.items() if k in own and v is not None}  # None: 0.2's "the default"
     if estimator is not None or legacy:
         spelled = ", ".join(f"{k}={v!r}" for k, v in mine.items())
         warnings.warn(
