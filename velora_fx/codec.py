@@ -35,7 +35,7 @@ __all__ = ["Estimator"]
 
 
 class Estimator:
-    """The interface (``Codec`` in the passes). Subclasses: ``estimators.ProjectionCodec``, ``QuantizedEstimator``."""
+    """The interface (``Codec`` in the passes). Subclasses: ``estimators.ProjectionCodec``, ``QuantizedCodec``."""
 
     #: the state's field in ``state_dict()`` (``velora_fx.<weight>.<field>``)
     field = "basis"

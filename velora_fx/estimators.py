@@ -40,10 +40,10 @@ import torch
 from . import ops, projection_graph
 from .codec import Estimator
 from .config import Principal, PrincipalRandom, Quantized, RandomProjection, Velora, VeloraConfig
-from .quantized import QuantizedEstimator
+from .quantized import QuantizedCodec
 
 __all__ = ["Estimator", "ProjectionCodec", "VeloraCodec", "RandomCodec", "PrincipalCodec", "PrincipalRandomCodec",
-           "QuantizedEstimator", "CODECS", "for_config"]  # fmt: skip
+           "QuantizedCodec", "CODECS", "for_config"]  # fmt: skip
 
 
 def _finite(tensor: torch.Tensor, name: str) -> None:
@@ -284,7 +284,7 @@ CODECS: dict[type, type[Estimator]] = {
     RandomProjection: RandomCodec,
     Principal: PrincipalCodec,
     PrincipalRandom: PrincipalRandomCodec,
-    Quantized: QuantizedEstimator,
+    Quantized: QuantizedCodec,
 }
 
 

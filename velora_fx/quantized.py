@@ -45,7 +45,7 @@ import torch
 from .codec import Estimator
 from .ops import seed_for
 
-__all__ = ["QuantizedEstimator", "encode", "decode", "uniforms", "key_for", "kept_bytes", "KEY_BITS"]
+__all__ = ["QuantizedCodec", "encode", "decode", "uniforms", "key_for", "kept_bytes", "KEY_BITS"]
 
 #: the state input holds the step's key as an integer below ``2**KEY_BITS`` in a float32 (exact)
 KEY_BITS = 24
@@ -169,7 +169,7 @@ def kept_bytes(shape, bits: int, group_size: int) -> int:
     return tokens * (n * group_size * bits // 8 + n * 2 * 2)
 
 
-class QuantizedEstimator(Estimator):
+class QuantizedCodec(Estimator):
     """``VeloraConfig(estimator=Quantized(bits, group_size, rounding))``: every coordinate at ``bits`` bits, one
     bfloat16 low end and step per group (NOTE [quantized weight gradient]); unbiased under stochastic rounding.
 
