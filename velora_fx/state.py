@@ -33,7 +33,8 @@ estimators) and, for estimators refreshed on a schedule, a step counter.
   wrong dtype.
 * Nothing here references the model strongly except the container's own
   back-reference to its root (a cycle that dies with the model). The global
-  tables (``_CONTAINERS``, ``_DETACHED``) are weak.
+  tables (``_CONTAINERS``, ``_DETACHED``, ``_OWNERS``: parameter -> its model's state and name, filled by
+  ``prepare``) are weak.
 * A model that was not prepared still trains: its projections live in a
   weak side table keyed by the parameter object (``_DETACHED``), outside any
   ``state_dict``, and die with the parameter. A checkpoint of such a model
@@ -86,7 +87,6 @@ class ProjectionState(nn.Module):
         self.config: Optional[VeloraConfig] = None  # the FX route's (set by velora_fx.transform); see prepare
         self._entries: dict[str, Projection] = {}
         object.__setattr__(self, "_root", root)  # not a submodule: a back-reference
-        self._index: dict[int, tuple[weakref.ref, str]] = {}
         self.fx_inputs: dict[str, tuple] = {}  # FX route: per site, the input seen first (for the report)
         self.instance_records: list = []  # compile backend: what each compiled graph did to this model (the report)
         _CONTAINERS.add(self)
@@ -103,7 +103,6 @@ class ProjectionState(nn.Module):
         nn.Module.__init__(copy)
         copy.config = self.config
         object.__setattr__(copy, "_root", root)
-        copy._index = {}
         copy.fx_inputs = dict(self.fx_inputs)
         copy.instance_records = []  # what graphs did to the original, not to the copy
         entries = {name: Projection(name, e.field, e._basis.clone(), e._steps if e._scheduled else None)
@@ -119,7 +118,7 @@ class ProjectionState(nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_index"], state["instance_records"] = {}, []  # weak references: not picklable, rebuilt on use
+        state["instance_records"] = []  # weak references: not picklable, rebuilt on use
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -134,14 +133,19 @@ class ProjectionState(nn.Module):
 
     def name_of(self, param: torch.Tensor) -> Optional[str]:
         """The ``named_parameters()`` name of ``param`` in the prepared model, ``None`` if it is not one of its."""
-        hit = self._index.get(id(param))
-        if hit is not None and hit[0]() is param:
-            return hit[1]
-        self._index = {}
+        hit = _OWNERS.get(param)
+        if hit is None or hit[0]() is not self:  # a parameter made since (to_empty, FSDP2, an adapter): look again
+            self.index_names()
+            hit = _OWNERS.get(param)
+        return hit[1] if hit is not None and hit[0]() is self else None
+
+    def index_names(self) -> None:
+        """Enter every parameter of the prepared model in the weak map parameter -> (state, name) (``_OWNERS``)."""
+        me, seen = weakref.ref(self), set()
         for name, p in named_parameters(self._root):  # a tied parameter: its first name, as named_parameters() says
-            self._index.setdefault(id(p), (weakref.ref(p), name))
-        hit = self._index.get(id(param))
-        return hit[1] if hit is not None and hit[0]() is param else None
+            if id(p) not in seen:
+                seen.add(id(p))
+                _OWNERS[p] = (me, name)
 
     # -- projections ----------------------------------------------------------------------------------
 
@@ -188,6 +192,8 @@ class ProjectionState(nn.Module):
 
 _CONTAINERS: weakref.WeakSet[ProjectionState] = weakref.WeakSet()
 _DETACHED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> Projection (models not prepared)
+#: parameter -> (its prepared model's state, weakly; its name there): filled by ``prepare``, refreshed by ``name_of``
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _warned_unprepared = False
 
 
@@ -257,6 +263,7 @@ def prepare(model: nn.Module) -> nn.Module:
         object.__setattr__(model, CONTAINER, state)  # not nn.Module.__setattr__: no child module
         model.register_state_dict_post_hook(_save_state)
         model.register_load_state_dict_pre_hook(_load_state)
+    state.index_names()
     return model
 
 
@@ -336,7 +343,11 @@ def _load_state(module, state_dict, prefix, local_metadata, strict, missing_keys
 
 def find_owner(param: torch.Tensor) -> Optional[ProjectionState]:
     """The prepared model's state that ``param`` belongs to, ``None`` if no prepared model holds it."""
-    for container in list(_CONTAINERS):
+    hit = _OWNERS.get(param)
+    owner = hit[0]() if hit is not None else None
+    if owner is not None and owner.name_of(param) is not None:
+        return owner
+    for container in list(_CONTAINERS):  # a parameter made after prepare: the prepared models look again
         if container.name_of(param) is not None:
             return container
     return None
