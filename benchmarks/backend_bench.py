@@ -43,6 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import velora_fx  # noqa: E402
 from benchmarks.measure import import_compiler, interleaved_medians, saved_bytes  # noqa: E402
+from benchmarks.models import commit  # noqa: E402
 from tests.backend_models import LlamaStack  # noqa: E402
 
 
@@ -198,6 +199,7 @@ def main() -> None:
         "config": {k: getattr(args, k) for k in ("blocks", "dim", "heads", "ffn", "batch", "seq", "groups", "repeats",
                                                  "compile_repeats")},
         "torch": torch.__version__,
+        "commit": commit(),
         "methods": rows,
     }  # fmt: skip
     print(json.dumps(result, indent=2))
