@@ -75,8 +75,8 @@ class VeloraBackend:
         estimator = for_config(config)
         if estimator.refreshed_in_graph and distributed():
             raise ValueError(
-                f"velora_fx: init={config.estimator.init!r} recomputes v from each rank's own batch inside the compiled graph, "
-                "so the ranks of this torch.distributed job would train with different v; use "
+                f"velora_fx: init={config.estimator.init!r} recomputes v from each rank's own batch inside the compiled "
+                "graph, so the ranks of this torch.distributed job would train with different v; use "
                 "init='batch_average_once' (calibrated once from the global first batch) or init='random' (seeded, "
                 "the same on every rank)"
             )
