@@ -22,8 +22,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import velora_fx  # noqa: E402
-from velora_fx import Velora
-from velora_fx import VeloraConfig, ops  # noqa: E402
+from velora_fx import Velora, VeloraConfig, ops  # noqa: E402
 from velora_fx.report import COMPRESSED, SKIPPED  # noqa: E402
 
 from .helpers import Run, assert_close, directions, grads, saved_bytes_step, state_keys  # noqa: E402
