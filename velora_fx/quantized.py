@@ -30,6 +30,10 @@ generators (dropout, data order unchanged), every rank draws the same ``u``,
 and a run resumed from a checkpoint (its step counter) draws the same ``u``
 again: bit-identical.
 
+What a compressed input keeps is one uint8 record per token (``join``): the
+codes, then the scales' bytes. One tensor, so that the partitioner cannot
+keep the scales upcast to float32 instead (``join`` says why).
+
 Everything here is plain tensor code on ``(N, D)`` rows: the FX route calls it
 in an ``autograd.Function``, the compile backend traces it into the joint
 graph (``_torch_internals.trace_into``). One definition, two routes.
@@ -45,7 +49,7 @@ import torch
 from .codec import Estimator
 from .ops import seed_for
 
-__all__ = ["QuantizedCodec", "encode", "decode", "uniforms", "key_for", "kept_bytes", "KEY_BITS"]
+__all__ = ["QuantizedCodec", "encode", "decode", "join", "split", "uniforms", "key_for", "kept_bytes", "KEY_BITS"]
 
 #: the state input holds the step's key as an integer below ``2**KEY_BITS`` in a float32 (exact)
 KEY_BITS = 24
@@ -131,15 +135,21 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
     return x_hat.to(dtype)
 
 
+def _shifts(count: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """``[0, width, 2·width, …]`` (``count`` of them) as int64 on ``like``'s device: where each field of a word sits."""
+    return torch.arange(count, device=like.device, dtype=torch.int64) * width
+
+
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(N, M)`` int64 codes below ``2**bits`` as ``(N, M · bits / 8)`` uint8: eight codes in ``bits`` bytes."""
+    """``(N, M)`` int64 codes below ``2**bits`` as ``(N, M · bits / 8)`` uint8: eight codes in ``bits`` bytes.
+
+    Eight codes make one word of ``8 · bits ≤ 32`` bits (a sum of shifted codes: their bits do not overlap), cut
+    into ``bits`` bytes, low byte first. Four tensor ops whatever ``bits`` is: the traced graph stays small."""
     if bits == 8:
         return codes.to(torch.uint8)
     c = codes.view(-1, codes.shape[-1] // 8, 8)
-    word = c[..., 0]
-    for j in range(1, 8):
-        word = word | (c[..., j] << (bits * j))  # at most 32 bits
-    out = torch.stack([(word >> (8 * k)) & 0xFF for k in range(bits)], dim=-1)
+    word = (c << _shifts(8, bits, c)).sum(-1, keepdim=True)
+    out = (word >> _shifts(bits, 8, c)) & 0xFF
     return out.to(torch.uint8).view(-1, codes.shape[-1] * bits // 8)
 
 
@@ -148,11 +158,31 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed.to(torch.int64)
     b = packed.to(torch.int64).view(-1, packed.shape[-1] // bits, bits)
-    word = b[..., 0]
-    for k in range(1, bits):
-        word = word | (b[..., k] << (8 * k))
-    levels = 2**bits - 1
-    return torch.stack([(word >> (bits * j)) & levels for j in range(8)], dim=-1).view(-1, packed.shape[-1] * 8 // bits)
+    word = (b << _shifts(bits, 8, b)).sum(-1, keepdim=True)
+    codes = (word >> _shifts(8, bits, b)) & (2**bits - 1)
+    return codes.view(-1, packed.shape[-1] * 8 // bits)
+
+
+def join(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``encode``'s two tensors as one uint8 record per token: the codes, then the scales' bytes (little-endian).
+
+    What the compiled graph keeps. Kept apart, the scales are read back in backward with ``.float()``, and the
+    min-cut partitioner, which counts a bfloat16 tensor that only a cheap upcast reads as twice its size, keeps
+    the float32 upcast instead: twice the scales' bytes. One record leaves it no such cut: the codes must be kept
+    anyway, and any tensor computed from the record only adds bytes."""
+    half = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+    scale_bytes = ((half.unsqueeze(-1) >> _shifts(2, 8, half)) & 0xFF).to(torch.uint8)
+    return torch.cat([codes, scale_bytes.view(codes.shape[0], -1)], dim=-1)
+
+
+def split(record: torch.Tensor, bits: int, group_size: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``join``: ``(codes, scales)`` as ``encode`` returned them."""
+    n = _groups(features, group_size)
+    width = n * group_size * bits // 8
+    b = record[:, width:].to(torch.int32).view(-1, n, 2, 2)
+    half = (b << _shifts(2, 8, b).to(torch.int32)).sum(-1, dtype=torch.int32)  # the 16 bits, in [0, 2^16)
+    signed = half - ((half & 0x8000) << 1)  # as int16 holds them: no out-of-range conversion in generated C++
+    return record[:, :width], signed.to(torch.int16).view(torch.bfloat16)
 
 
 def key_for(seed: int, name: str, step: int) -> torch.Tensor:
@@ -210,12 +240,12 @@ class QuantizedCodec(Estimator):
 
     def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
         q = self.settings
-        return encode(x, state, q.bits, q.group_size, q.rounding == "stochastic")
+        return (join(*encode(x, state, q.bits, q.group_size, q.rounding == "stochastic")),)
 
     def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
         q = self.settings
-        return decode(saved[0], saved[1], q.bits, q.group_size, features, dtype)
+        return decode(*split(saved[0], q.bits, q.group_size, features), q.bits, q.group_size, features, dtype)
 
     def kept_bytes(self, shape, dtype, basis_shape) -> int:
         q = self.settings
