@@ -49,7 +49,20 @@ ESTIMATORS = {
     **{f"quant{b}": ("quant", (b, 32, True)) for b in (1, 2, 3, 4)},
     "quant4-nearest": ("quant", (4, 32, False)),
     "quant2-g128": ("quant", (2, 128, True)),
+    # torchao's MX formats (OCP Microscaling: one power-of-two scale per 32 elements, round to nearest), if installed
+    "mxfp4": ("mx", "float4_e2m1fn_x2"),  # 4.25 bits per element
+    "mxfp6_e2m3": ("mx", "fp6_e2m3"),  # 6.25
+    "mxfp8_e4m3": ("mx", "float8_e4m3fn"),  # 8.25
 }
+
+
+def _torchao_mx():
+    """torchao's ``MXTensor`` or ``None`` (``pip install torchao``: not a dependency of velora_fx)."""
+    try:
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+    except ImportError:
+        return None
+    return MXTensor
 
 
 def _hooks(linears: dict[str, nn.Linear]):
@@ -123,6 +136,9 @@ def estimate(kind, setting, name: str, x1, x2, g2, draw: int) -> torch.Tensor:
         shape, _ = est.basis_shape(x2.shape[-1])
         basis = (est.initial(shape, name)[0] if draw == 0 else est.refreshed(torch.empty(shape), None, 0, name, draw)).double()  # fmt: skip
         x_hat = ops.reconstruct(ops.project(x2, basis), basis, x2.shape[-1])
+    elif kind == "mx":
+        elem = getattr(torch, setting, setting)  # a torch dtype, or torchao's name of an fp6 format
+        x_hat = _torchao_mx().to_mx(x2.float(), elem, 32).dequantize(torch.float32).double()
     else:
         bits, group, stochastic = setting
         codes, scales = q.encode(x2.float(), q.key_for(0, name, draw), bits, group, stochastic)
@@ -134,6 +150,9 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     (b1, b2) = minilm_batches(args) if args.model == "minilm" else llama_batches(args)
+    estimators = {e: ks for e, ks in ESTIMATORS.items() if ks[0] != "mx" or _torchao_mx() is not None}
+    if len(estimators) < len(ESTIMATORS):
+        print("torchao is not installed: its MX formats are left out (pip install torchao)", file=sys.stderr)
     layers = {}
     for name in b1:
         (x1, g1), (x2, g2) = b1[name], b2[name]
@@ -142,13 +161,13 @@ def run(args) -> dict:
         dw1, dw2 = g1.t() @ x1, g2.t() @ x2
         energy = float(dw2.pow(2).sum())
         row = {"D": x2.shape[-1], "noise": float((dw1 - dw2).pow(2).sum()) / (2 * energy)}
-        for est, (kind, setting) in ESTIMATORS.items():
-            draws = 1 if kind == "velora" or (kind == "quant" and not setting[2]) else args.draws
+        for est, (kind, setting) in estimators.items():
+            draws = 1 if kind in ("velora", "mx") or (kind == "quant" and not setting[2]) else args.draws
             errs = [float((estimate(kind, setting, name, x1, x2, g2, i) - dw2).pow(2).sum()) / energy for i in range(draws)]
             row[est] = sum(errs) / len(errs)
         layers[name] = row
     summary = {}
-    for est in ESTIMATORS:
+    for est in estimators:
         summary[est] = {"rel_err2": statistics.median(r[est] for r in layers.values()),
                         "per_noise": statistics.median(r[est] / r["noise"] for r in layers.values())}  # fmt: skip
     summary["noise"] = statistics.median(r["noise"] for r in layers.values())
@@ -160,7 +179,7 @@ def table(result: dict) -> str:
     s = result["summary"]
     lines = [f"{result['model']}: {len(result['layers'])} linears, minibatch noise (median) {s['noise']:.3g}",
              "| estimator | rel. error² (median) | / minibatch noise (median) |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {e} | {s[e]['rel_err2']:.3g} | {s[e]['per_noise']:.3g} |" for e in ESTIMATORS]
+    lines += [f"| {e} | {s[e]['rel_err2']:.3g} | {s[e]['per_noise']:.3g} |" for e in ESTIMATORS if e in s]
     return "\n".join(lines)
 
 
