@@ -2,7 +2,8 @@
 
 For every linear layer of a model, on real activations, two batches ``b1``, ``b2`` give the exact weight gradients
 ``dW1 = g1ᵀ x1`` and ``dW2``. Per estimator (the runtime's own code: ``velora_fx.ops``, ``velora_fx.estimators``,
-``velora_fx.quantized``) and ``--draws`` draws of its random numbers (re-seeds, keys), on ``b2``:
+``velora_fx.quantized``; torchao's MX formats beside them where torchao is installed) and ``--draws`` draws of its
+random numbers (re-seeds, keys), on ``b2``:
 
 * relative error energy ``E‖dŴ − dW2‖² / ‖dW2‖²`` (for a fixed projection, one draw: its bias);
 * its ratio to the minibatch's own noise ``‖dW1 − dW2‖² / (2 ‖dW2‖²)``.
