@@ -289,11 +289,17 @@ def _close_quantized_bf16(got, want, what, drift):
     144, 13 % of the norm). And the formula's ``g`` is eager's, which drifts from compiled code's through the layers
     above in bf16: ``drift`` is that drift on this weight's exact ``dW`` (default compile against eager; found by the
     fuzzer's 1000-example run: 12 of 576 elements of a first layer under gelu and attention, beyond the fixed
-    tolerance). So: every element within bf16 rounding plus twice the drift, but a few (≤ max(2, 2 %)) code flips."""
+    tolerance). So: every element within bf16 rounding plus twice the drift, but a few (≤ max(2, 2 %)) code flips.
+    A flip of input feature ``j`` moves column ``j`` of ``dW`` (every output row): flips are counted in columns
+    (found by the 1000-example run of stop 22: 1-bit codes, 3 of 120 elements off, a 6 × 20 ``dW``): a few elements,
+    or a few columns."""
     got, want = got.float(), want.float()
     scale = max(1.0, float(want.abs().max()) if want.numel() else 1.0)
-    off = int(((got - want).abs() > 8e-2 * scale + 5e-2 * want.abs() + 2 * drift).sum())
-    assert off <= max(2, 0.02 * want.numel()), f"{what}: {off} of {want.numel()} elements off"
+    off = (got - want).abs() > 8e-2 * scale + 5e-2 * want.abs() + 2 * drift
+    columns = want.shape[-1] if want.dim() else 1
+    flipped = int(off.reshape(-1, columns).any(0).sum())
+    few = int(off.sum()) <= max(2, 0.02 * want.numel()) or flipped <= max(2, 0.02 * columns)
+    assert few, f"{what}: {int(off.sum())} of {want.numel()} elements off, in {flipped} columns"
 
 
 def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autocast: bool,
@@ -377,11 +383,17 @@ QUANT_BF16_DRIFT = ArchSpec(
 
 #: the examples earlier runs found, with the seed each failed at: ``tests/test_fuzz_found.py`` runs them (beside this
 #: file, on another worker), every time
+QUANT_BF16_ONE_BIT = ArchSpec(
+    dim=20, lead=(2, 4), num_groups=2, scale=0.5, autocast=True, dynamic=False, prepared=False, quant=(1, 8),
+    sequential=False, blocks=(BlockSpec(kind="linear", lins=(LinSpec("matmul_t", 6, False, False),), act="gelu"),),
+)  # fmt: skip
+
 FOUND = {
     "tied_half_compressed": (TIED_HALF_COMPRESSED, 34836),
     "bf16_deep": (BF16_DEEP, 0),
     "quant_bf16_flip": (QUANT_BF16_FLIP, 1260),
     "quant_bf16_flip_small": (QUANT_BF16_FLIP_SMALL, 6317),
+    "quant_bf16_one_bit": (QUANT_BF16_ONE_BIT, 2),
     "quant_bf16_drift": (QUANT_BF16_DRIFT, 11296),
 }
 
