@@ -381,13 +381,13 @@ QUANT_BF16_DRIFT = ArchSpec(
     ),
 )  # fmt: skip
 
-#: the examples earlier runs found, with the seed each failed at: ``tests/test_fuzz_found.py`` runs them (beside this
-#: file, on another worker), every time
 QUANT_BF16_ONE_BIT = ArchSpec(
     dim=20, lead=(2, 4), num_groups=2, scale=0.5, autocast=True, dynamic=False, prepared=False, quant=(1, 8),
     sequential=False, blocks=(BlockSpec(kind="linear", lins=(LinSpec("matmul_t", 6, False, False),), act="gelu"),),
 )  # fmt: skip
 
+#: the examples earlier runs found, with the seed each failed at: ``tests/test_fuzz_found.py`` runs them (beside this
+#: file, on another worker), every time
 FOUND = {
     "tied_half_compressed": (TIED_HALF_COMPRESSED, 34836),
     "bf16_deep": (BF16_DEEP, 0),
