@@ -94,11 +94,14 @@ def stack():
         original_call(self, graph)
         graphs.append(types.SimpleNamespace(before=before, after=graph, spec=self.spec, plan=self.plan))
 
+    # static shapes whatever ran before: a test that compiled LlamaStack at another size would make Dynamo's
+    # automatic dynamic shapes compile this one with symbolic sizes (the graphs the plan tests below read)
     with pytest.MonkeyPatch.context() as mp, ti.compile_caches(False):
         mp.setattr(jg.VeloraJointPass, "__call__", recording_call)
-        compiled = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(STACK_CFG), fullgraph=True)
+        compiled = torch.compile(velora_fx.prepare(model), backend=velora_fx.make_backend(STACK_CFG), fullgraph=True,
+                                 dynamic=False)  # fmt: skip
         loss, nbytes = saved_bytes_step(compiled, x)
-    default_loss, default_bytes = saved_bytes_step(torch.compile(default_model, fullgraph=True), x)
+    default_loss, default_bytes = saved_bytes_step(torch.compile(default_model, fullgraph=True, dynamic=False), x)
 
     eager = copy.deepcopy(initial)
     seen, handles = capture_linears(eager)
