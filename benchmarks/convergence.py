@@ -60,6 +60,9 @@ METHODS = {
     **{f"quant{b}": _velora(estimator={"name": "quantized", "bits": b}) for b in (1, 2, 3, 4)},
     "quant4-nearest": _velora(estimator={"name": "quantized", "bits": 4, "rounding": "nearest"}),
     "quant2-g128": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128}),
+    # per-weight sizes (VeloraConfig.overrides): down_proj's 1024 features at 1 bit, within VeLoRA's bytes
+    "quant2-g128-down1": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128},
+                                 overrides={"*.down_proj.weight": {"name": "quantized", "bits": 1, "group_size": 128}}),
 }  # fmt: skip
 
 #: the estimator the README recommends (from the table ``summary`` prints)
@@ -187,6 +190,7 @@ LABELS = {
     "quant4": "`Quantized(bits=4)`: 4 bits + scales (5 bits/element)",
     "quant4-nearest": "`Quantized(bits=4, rounding=\"nearest\")`",
     "quant2-g128": "`Quantized(bits=2, group_size=128)` (2.25 bits/element)",
+    "quant2-g128-down1": "`Quantized(bits=2, group_size=128)`, `down_proj` at `bits=1` (1.25 bits/element)",
 }
 
 BYTES = RESULTS / "bytes.json"
@@ -388,7 +392,8 @@ def main(argv=None) -> None:
     r.add_argument("--corpus", type=pathlib.Path, default=None, help="pretrain_llama's --corpus (the same bytes elsewhere)")
     r.add_argument("--deadline", type=float, default=None, help="stop every run still going after this many seconds")
     b = sub.add_parser("bytes", help="bytes kept for backward per method, measured on the study's model (one process)")
-    b.add_argument("--methods", default="exact,velora,random-r100,principal,prand-r100,quant1,quant2,quant3,quant4,quant2-g128")
+    b.add_argument("--methods", default="exact,velora,random-r100,principal,prand-r100,quant1,quant2,quant3,quant4,quant2-g128,"
+                                        "quant2-g128-down1")
     s = sub.add_parser("summary", help="table and plots from the runs found")
     s.add_argument("--dirs", nargs="+", default=[str(RESULTS), str(RUNS)])
     s.add_argument("--readmes", action="store_true", help="also rewrite the tables in README.md and benchmarks/README.md")

@@ -125,7 +125,7 @@ def candidate(gm: fx.GraphModule, node: fx.Node) -> Optional[Site]:
     return None
 
 
-def _why_skipped(site: Site, codec: Estimator, excluded: Callable[[str], str]) -> Optional[str]:
+def _why_skipped(site: Site, codec: Callable[[str], Estimator], excluded: Callable[[str], str]) -> Optional[str]:
     if site.unsupported:
         return f"unsupported form: {site.unsupported}"
     weight = site.weight
@@ -135,7 +135,7 @@ def _why_skipped(site: Site, codec: Estimator, excluded: Callable[[str], str]) -
         return "frozen weight (requires_grad=False): nothing is kept for dW"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    return excluded(site.weight_name) or codec.basis_shape(site.features)[1] or None
+    return excluded(site.weight_name) or codec(site.weight_name).basis_shape(site.features)[1] or None
 
 
 # -- plan / apply -----------------------------------------------------------------------------
@@ -149,9 +149,10 @@ class Decision:
     group: Optional[int] = None  # sites of one input and one leader keep one p
 
 
-def plan(gm: fx.GraphModule, codec: Estimator, excluded: Callable[[str], str]) -> list[Decision]:
-    """Every undecided candidate of ``gm`` with its decision; the graph is not changed. ``excluded(weight)``: why
-    the config leaves a weight exact ("" if it does not)."""
+def plan(gm: fx.GraphModule, codec: Callable[[str], Estimator], excluded: Callable[[str], str]) -> list[Decision]:
+    """Every undecided candidate of ``gm`` with its decision; the graph is not changed. ``codec(weight)``: the
+    weight's codec (one estimator, the sizes may differ per weight); ``excluded(weight)``: why the config leaves a
+    weight exact ("" if it does not)."""
     sites = []
     for node in gm.graph.nodes:
         if "record" in node.meta.get(META_KEY, {}):
@@ -163,9 +164,10 @@ def plan(gm: fx.GraphModule, codec: Estimator, excluded: Callable[[str], str]) -
     for site, reason in sites:
         if isinstance(site.x, fx.Node):
             by_input.setdefault(site.x, []).append((site, reason))
-    estimator = codec
     decisions = []
     for site, reason in sites:
+        estimator = codec(site.weight_name)
+        basis_shape = None if reason else estimator.basis_shape(site.features)[0]
         group = by_input.get(site.x, [(site, reason)])
         if reason is None:
             # a frozen weight keeps nothing for dW: it does not keep the input either
@@ -173,18 +175,19 @@ def plan(gm: fx.GraphModule, codec: Estimator, excluded: Callable[[str], str]) -
             if blocker is not None:
                 reason = f"the input is shared with {blocker[0].weight_name}, which stays exact ({blocker[1]})"
         leader = None
-        if reason is None:
-            leaders = [s for s, r in group if r is None] if estimator.shares_per_input else [site]
-            leader = leaders[0].weight_name
-        basis_shape = None if reason else estimator.basis_shape(site.features)[0]
+        if reason is None:  # one state and one p per input and size (VeloraConfig.overrides may give sizes apart)
+            shared = [s for s, r in group if r is None and codec(s.weight_name).basis_shape(s.features)[0] == basis_shape]
+            shared = shared if estimator.shares_per_input else [site]
+            leader = shared[0].weight_name
         text = reason
         if reason is None:
             n = estimator.per_token(site.features, basis_shape)
             text = (f"input kept at {n:g} bits per element" if estimator.traced else
                     f"input kept as {n} projections per token")  # fmt: skip
-            members = [s.weight_name for s, r in group if r is None]
+            members = [s.weight_name for s in shared]
             if len(members) > 1:  # one text for the whole group: the report prints it once
-                text += f"; {', '.join(members)} read one input and keep one p"
+                kept = "one set of codes" if estimator.traced else "one p"
+                text += f"; {', '.join(members)} read one input and keep {kept}"
         record = SiteRecord(
             graph=GRAPH_NAME, node=site.node.name, weight=site.weight_name, status=SKIPPED if reason else COMPRESSED,
             reason=text, sub_token_size=None if basis_shape is None or estimator.traced else basis_shape[0],
@@ -237,10 +240,10 @@ def apply(gm: fx.GraphModule, decisions: list[Decision], runtime: FxRuntime) -> 
     return True
 
 
-def velora_linear_pass(gm: fx.GraphModule, codec: Estimator, excluded: Callable[[str], str],
+def velora_linear_pass(gm: fx.GraphModule, codec: Callable[[str], Estimator], excluded: Callable[[str], str],
                        runtime: FxRuntime) -> PassResult:  # fmt: skip
     """The FX route as a pass: ``gm -> PassResult``; idempotent (a second run reports ``modified=False``)."""
-    decisions = plan(gm, codec, excluded)
+    decisions = plan(gm, codec, excluded)  # codec: weight name -> its codec
     for d in decisions:
         log.info("velora_fx: %s %s (%s): %s", d.record.status, d.record.node, d.record.weight, d.record.reason)
     return PassResult(gm, apply(gm, decisions, runtime))

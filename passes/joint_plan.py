@@ -298,10 +298,12 @@ def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, codec: Codec) ->
             reason, related = "compressed", ()
             group = sorted({s.slot for s in by_x[x]})
             if len(group) > 1:  # one text for the whole group: the report prints it once
-                one_p = len({spec.slots[k].basis_primal for k in group}) == 1
+                kept = len({spec.slots[k].basis_primal for k in group})  # per-weight sizes may set some apart
+                each, many = ("set of codes", "sets of codes") if codec.traced else ("p", "p")
                 names = ", ".join(f"{{{i}}}" for i in range(len(group)))
-                reason = (f"compressed; {names} read one input and keep one p" if one_p else
-                          f"compressed; {names} read one input (a p each)") + " (its bytes counted on the first)"
+                how = (f"and keep one {each}" if kept == 1 else f"(a {each} each)" if kept == len(group)
+                       else f"and keep {kept} {many}, one per size")  # fmt: skip
+                reason = f"compressed; {names} read one input {how} (its bytes counted on the first)"
                 related = tuple(group)
         per_token = codec.per_token(shape[-1], slot.basis_shape) if compressed else None
         sub_token = None if not compressed or codec.traced else slot.sub_token_size

@@ -251,12 +251,16 @@ def test_checkpoint_whose_shared_v_differ_warns_and_uses_the_first(stack, caplog
     assert torch.equal(fresh.state_dict()[f"velora_fx.{follower}.v"], state[f"velora_fx.{leader}.v"])
 
 
-@pytest.mark.parametrize("init", ["batch_average_once", "ema", "random"])
-def test_weights_reading_one_input_share_one_v(init):
-    """q/k/v (and gate/up) read one input: one v for them unless init="random" (seeded per weight name);
+@pytest.mark.parametrize("init, sizes", [("batch_average_once", False), ("ema", False), ("random", False),
+                                         ("batch_average_once", True), ("ema", True)])  # fmt: skip
+def test_weights_reading_one_input_share_one_v(init, sizes):
+    """q/k/v (and gate/up) read one input: one v for them unless init="random" (seeded per weight name) or a
+    per-weight size (``sizes``: ``v_proj`` and ``down_proj`` with their own ``num_groups``) sets one apart;
     every compressed dW is the VeLoRA formula with that weight's own buffer, step after step."""
     torch.manual_seed(7)
-    cfg = VeloraConfig(estimator=Velora(num_groups=4, init=init, ema_decay=0.5))
+    own = {"*.v_proj.weight": Velora(num_groups=8, init=init, ema_decay=0.5),
+           "*.down_proj.weight": Velora(num_groups=16, init=init, ema_decay=0.5)} if sizes else {}  # fmt: skip
+    cfg = VeloraConfig(estimator=Velora(num_groups=4, init=init, ema_decay=0.5), overrides=own)
     model = LlamaStack(blocks=1, dim=32, heads=2, hidden=48)
     eager = copy.deepcopy(model)
     seen, _ = capture_linears(eager)
@@ -274,8 +278,12 @@ def test_weights_reading_one_input_share_one_v(init):
         vs = [buffers[f"layers.0.{name}.weight"] for name in group]
         if init == "random":
             assert len({id(v) for v in vs}) == len(vs) and not torch.equal(vs[0], vs[1])
+        elif sizes and group[-1] == "self_attn.v_proj":
+            assert vs[1] is vs[0] and vs[2] is not vs[0] and (vs[0].shape, vs[2].shape) == ((8,), (4,))
         else:
             assert all(v is vs[0] for v in vs)
+    if sizes:
+        assert buffers["layers.0.mlp.down_proj.weight"].shape == (3,)  # 48 features in 16 groups
     compressed = velora_fx.report(model).compressed
     assert len(compressed) == 6
     for r in compressed:

@@ -92,12 +92,47 @@ configs = st.builds(
     estimator=st.builds(Quantized, bits=st.sampled_from([1, 2, 3, 4, 8]), group_size=st.integers(1, 32).map(lambda k: 8 * k),
                         rounding=st.sampled_from(["stochastic", "nearest"])),
     seed=st.integers(0, 2**31),
-)
+) | st.builds(
+    VeloraConfig,
+    estimator=st.just(Quantized(bits=2)),
+    overrides=st.dictionaries(st.text(min_size=1, max_size=8), st.builds(
+        Quantized, bits=st.sampled_from([1, 2, 3, 4, 8]), group_size=st.integers(1, 32).map(lambda k: 8 * k)), max_size=3),
+)  # fmt: skip
 
 
 @given(configs)
 def test_round_trips_through_a_json_dict(cfg):
     assert VeloraConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_overrides_give_a_weight_its_own_sizes_and_nothing_else():
+    cfg = VeloraConfig(estimator=Velora(num_groups=16, init="ema"), include=("*",),
+                       overrides={"*.down_proj.weight": Velora(num_groups=64, init="ema"), "*_proj.weight": Velora(sub_token_size=8, init="ema")})  # fmt: skip
+    assert cfg.estimator_for("layers.3.mlp.down_proj.weight").num_groups == 64  # the first matching pattern wins
+    assert cfg.estimator_for("layers.3.mlp.up_proj.weight").sub_token_size == 8
+    assert cfg.estimator_for("lm_head.weight") is cfg.estimator
+    assert cfg.for_weight("x.down_proj.weight") == VeloraConfig(estimator=Velora(num_groups=64, init="ema"))
+    assert VeloraConfig().for_weight("anything") == VeloraConfig()
+    assert "overrides" not in VeloraConfig().to_dict()  # a stored config of 0.3 reads back the same
+
+
+@pytest.mark.parametrize(
+    "estimator, overrides, message",
+    [
+        (Quantized(), {"a": Velora()}, r"overrides\['a'\] is Velora, but the estimator is Quantized.*bits / group_size"),
+        (Quantized(), {"a": Quantized(rounding="nearest")}, r"changes \['rounding'\].*only bits / group_size"),
+        (Velora(), {"a": Velora(init="random")}, r"changes \['init'\]"),
+        (RandomProjection(rank=8), {"a": RandomProjection(rank=4, refresh_every=10)}, r"changes \['refresh_every'\]"),
+        (PrincipalRandom(rank=8), {"a": PrincipalRandom(rank=16)}, "PrincipalRandom has no per-weight sizes"),
+        (Quantized(), {"a": 2}, r"must be estimator settings such as Quantized\(...\), got 2"),
+        (Quantized(), [("a",)], "must map glob patterns"),
+        (Quantized(), 5, "must be a dict of glob patterns"),
+        (Quantized(), {"a": {"name": "nope"}}, "as a dict must be the to_dict"),
+    ],
+)
+def test_an_override_that_changes_more_than_sizes_is_an_error(estimator, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        VeloraConfig(estimator=estimator, overrides=overrides)
 
 
 def test_from_dict_rejects_unknown_keys():

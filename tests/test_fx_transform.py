@@ -73,12 +73,27 @@ def _check_against_reference(model, x, config, atol=1e-5, rtol=1e-4, lossy=True)
     return gm
 
 
+#: per-weight sizes: ``v_proj`` apart from the ``q_proj`` / ``k_proj`` it shares its input with
+OVERRIDES = VeloraConfig(estimator=Velora(num_groups=8), scale=0.5,
+                         overrides={"v_proj.weight": Velora(num_groups=4), "down_*": Velora(sub_token_size=16)})  # fmt: skip
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("config", [VeloraConfig(estimator=Velora(num_groups=8)), VeloraConfig(estimator=Velora(sub_token_size=12), scale=0.1)],
-                         ids=["g8", "d12-scale0.1"])
+@pytest.mark.parametrize("config", [VeloraConfig(estimator=Velora(num_groups=8)), VeloraConfig(estimator=Velora(sub_token_size=12), scale=0.1),
+                                    OVERRIDES], ids=["g8", "d12-scale0.1", "overrides"])  # fmt: skip
 def test_training_step_matches_reference(name, config):
     make_model, make_x = MODELS[name]
     _check_against_reference(make_model(), make_x(), config)
+
+
+def test_overrides_give_weights_their_own_sub_tokens_and_bases():
+    gm = _check_against_reference(LlamaBlock(), MODELS["llama_block"][1](), OVERRIDES)
+    sizes = {r.weight: r.sub_token_size for r in velora_fx.report(gm).compressed}
+    assert sizes == {"q_proj.weight": 8, "k_proj.weight": 8, "v_proj.weight": 16, "o_proj.weight": 8,
+                     "gate_proj.weight": 8, "up_proj.weight": 8, "down_proj.weight": 16}  # fmt: skip
+    projs = velora_fx.projections(gm)
+    assert projs["k_proj.weight"].root is projs["q_proj.weight"].root  # one v per input and size
+    assert projs["v_proj.weight"].root is not projs["q_proj.weight"].root
 
 
 def test_llama_stack_tokens_and_tied_head():

@@ -139,6 +139,12 @@ def test_config_round_trips_and_rejects_projection_settings():
 # -- both routes: dW is gᵀ x̂ with the draws of its step; the rest is exact --------------------------------------
 
 
+#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, and one ``v_proj`` at 1 bit,
+#: apart from the ``q_proj`` / ``k_proj`` it shares its input with (one record each)
+OVERRIDES = {"*.mlp.down_proj.weight": Quantized(bits=4, group_size=8),
+             "layers.1.self_attn.v_proj.weight": Quantized(bits=1, group_size=16)}  # fmt: skip
+
+
 def _formula(x, g, key, settings: Quantized, scale=1.0):
     """``scale · gᵀ x̂`` with ``x̂ = decode(encode(x, key))`` in float64, the draws of ``key``."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).double()
@@ -149,11 +155,12 @@ def _formula(x, g, key, settings: Quantized, scale=1.0):
 
 @pytest.fixture(scope="module")
 def compiled_stack():
-    """A 2-block LLaMA stack trained 3 steps by the backend (2-bit, groups of 16, scale 0.5) beside an untouched
-    copy under the default ``torch.compile``, the inputs and output gradients of every linear at the last step."""
+    """A 2-block LLaMA stack trained 3 steps by the backend (2-bit, groups of 16, scale 0.5; ``OVERRIDES``) beside an
+    untouched copy under the default ``torch.compile``, the inputs and output gradients of every linear at the last
+    step."""
     torch.manual_seed(1)
     settings = Quantized(bits=2, group_size=16)
-    cfg = VeloraConfig(estimator=settings, scale=0.5)
+    cfg = VeloraConfig(estimator=settings, scale=0.5, overrides=OVERRIDES)
     model = velora_fx.prepare(LlamaStack(blocks=2, dim=32, heads=2, hidden=48))
     exact = copy.deepcopy(model)
     compiled, compiled_exact = torch.compile(model, backend=velora_fx.make_backend(cfg)), torch.compile(exact)
@@ -170,7 +177,7 @@ def compiled_stack():
 
 def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
     run = compiled_stack
-    model, settings = run["model"], run["settings"]
+    model, cfg = run["model"], run["cfg"]
     eager = copy.deepcopy(run["exact"])
     seen, _ = capture_linears(eager)
     for p in eager.parameters():
@@ -178,7 +185,8 @@ def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
     saved_bytes_step(eager, run["x"])
     rep = velora_fx.report(model)
     assert len(rep.compressed) == 12 and {r.estimator for r in rep.compressed} == {"quantized"}
-    assert all(r.per_token == settings.bits_per_element for r in rep.compressed)
+    assert [r.per_token for r in rep.compressed] == [cfg.estimator_for(r.weight).bits_per_element for r in rep.compressed]
+    assert {r.per_token for r in rep.compressed} == {2 + 32 / 16, 4 + 32 / 8, 1 + 32 / 16}
     projs, got = velora_fx.projections(model), grads(model)
     for r in rep.compressed:
         proj = projs[r.weight]
@@ -186,6 +194,7 @@ def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
         key = q.key_for(0, proj.root.weight, 2)  # the third step's draws: the key of re-seed 2
         assert torch.equal(proj.basis, key)
         module = r.weight[: -len(".weight")]
+        settings = cfg.estimator_for(r.weight)
         assert_close(got[r.weight].double(), _formula(seen[module]["x"], seen[module]["g"], key, settings, 0.5),
                      r.weight)  # fmt: skip
     exact = grads(run["exact"])
@@ -194,22 +203,28 @@ def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
 
 
 def test_compiled_keeps_fewer_bytes_and_the_same_loss(compiled_stack):
-    rep = velora_fx.report(compiled_stack["model"])
+    rep, cfg = velora_fx.report(compiled_stack["model"]), compiled_stack["cfg"]
     for loss, kept, loss_exact, kept_exact in compiled_stack["steps"][:1]:
         torch.testing.assert_close(loss, loss_exact, rtol=1e-6, atol=0)  # the forward is untouched (same weights)
         # measured: exactly what the plan says it saves (the codes and the scales' bytes in one record per input;
         # kept apart, the partitioner kept the scales upcast to float32: 0.95 of the plan)
         assert kept_exact - kept == rep.bytes_saved
     for r in rep.compressed:
-        if r.bytes_before:  # the first weight of a group counts the input
-            assert r.bytes_after == q.kept_bytes(r.input_shape, 2, 16) == r.bytes_before * (2 + 32 / 16) / 32
+        s = cfg.estimator_for(r.weight)
+        if r.bytes_after:  # the first weight of a record counts it (and the first of an input the input)
+            assert r.bytes_after == q.kept_bytes(r.input_shape, s.bits, s.group_size)
+            assert r.bytes_after == math.prod(r.input_shape) * 4 * s.bits_per_element / 32
+    v_proj = next(r for r in rep.compressed if r.weight == "layers.1.self_attn.v_proj.weight")
+    assert v_proj.bytes_after and not v_proj.bytes_before  # a record of its own, of an input counted on q_proj
 
 
 def test_fx_route_dw_is_the_formula_and_matches_the_backend():
     torch.manual_seed(2)
     settings = Quantized(bits=3, group_size=8, rounding="stochastic")
+    cfg = VeloraConfig(estimator=settings, overrides={"k_proj.weight": Quantized(bits=8, group_size=8),
+                                                      "down_*": Quantized(bits=1, group_size=16)})  # fmt: skip
     block = LlamaBlock(dim=32, heads=2, hidden=48)
-    gm = velora_fx.transform(fx.symbolic_trace(copy.deepcopy(block)), VeloraConfig(estimator=settings))
+    gm = velora_fx.transform(fx.symbolic_trace(copy.deepcopy(block)), cfg)
     eager = copy.deepcopy(block)
     seen, _ = capture_linears(eager)
     for step in range(2):
@@ -219,12 +234,16 @@ def test_fx_route_dw_is_the_formula_and_matches_the_backend():
         saved_bytes_step(gm, x)
         saved_bytes_step(eager, x)
     rep = velora_fx.report(gm)
-    assert len(rep.compressed) == 7 and all(r.per_token == 3 + 32 / 8 for r in rep.compressed)
+    assert len(rep.compressed) == 7
+    assert {r.weight: r.per_token for r in rep.compressed if r.per_token != 3 + 32 / 8} == {
+        "k_proj.weight": 8 + 32 / 8, "down_proj.weight": 1 + 32 / 16}
+    assert [r.bytes_after > 0 for r in rep.compressed[:3]] == [True, True, False]  # q and v keep one record, k its own
     got, exact, projs = grads(gm), grads(eager), velora_fx.projections(gm)
     for r in rep.compressed:
         module = r.weight[: -len(".weight")]
         key = q.key_for(0, projs[r.weight].root.weight, 1)
-        assert_close(got[r.weight].double(), _formula(seen[module]["x"], seen[module]["g"], key, settings), r.weight)
+        assert_close(got[r.weight].double(), _formula(seen[module]["x"], seen[module]["g"], key, cfg.estimator_for(r.weight)),
+                     r.weight)  # fmt: skip
     for name in ("attn_norm.weight", "mlp_norm.weight"):
         assert_close(got[name], exact[name], name)
     state = gm.state_dict()

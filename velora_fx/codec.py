@@ -76,7 +76,11 @@ class Estimator:
     # -- the state and its lifecycle -------------------------------------------------------------------
 
     def basis_shape(self, features: int) -> tuple[Optional[tuple[int, int]], str]:
-        """``((d, r), "")`` for an input of ``features``, or ``(None, reason)`` when it cannot be compressed."""
+        """``((d, r), "")`` for an input of ``features``, or ``(None, reason)`` when it cannot be compressed.
+
+        Everything a site's sizes decide (``EstimatorSettings.SITE_FIELDS``) must be read back from this shape,
+        never from the settings: the passes ask a weight's own codec (``VeloraConfig.for_weight``) for it and
+        hand it to one codec, the estimator's, for everything else."""
         raise NotImplementedError
 
     def state_shape(self, basis_shape: tuple[int, int]) -> tuple[int, ...]:

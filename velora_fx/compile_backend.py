@@ -114,8 +114,8 @@ def _slots(params, uses, config: VeloraConfig, estimator: Estimator, num_inputs:
         name = owner.name_of(param) if owner is not None else dynamo_graph.source_name(node)
         reason = config.why_excluded(name) or use.reason
         basis_shape = None
-        if not reason:
-            basis_shape, reason = estimator.basis_shape(use.features)
+        if not reason:  # the site's own sizes (VeloraConfig.overrides); the lifecycle is the estimator's
+            basis_shape, reason = for_config(config.for_weight(name)).basis_shape(use.features)
         if reason:
             slots.append(ParamSlot(i, name, features=use.features, reason=reason))
             continue

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -81,6 +82,15 @@ class VeloraConfig:
             paper's value-and-down-projection policy.
         exclude: glob patterns; matching weights stay exact (wins over
             ``include``).
+        overrides: per-weight sizes: ``{pattern: settings}``, glob patterns
+            on parameter names as in ``include``, each mapped to settings of
+            the same estimator that differ from ``estimator`` only in how much
+            an input keeps (``EstimatorSettings.SITE_FIELDS``: ``bits`` and
+            ``group_size`` of ``Quantized``, ``num_groups`` / ``sub_token_size``
+            of ``Velora``, ``rank`` of the single projections). The first
+            matching pattern wins; other weights use ``estimator``. Weights
+            that read one input and resolve to different sizes keep one record
+            each.
         memory_budget: the min-cut partitioner's activation memory budget
             (``torch._functorch.config.activation_memory_budget``) for the
             graphs this backend compiles, in ``(0, 1]``: the fraction of the
@@ -104,6 +114,10 @@ class VeloraConfig:
         256
         >>> VeloraConfig.from_dict(cfg.to_dict()) == cfg
         True
+        >>> cfg = VeloraConfig(estimator=Quantized(bits=2, group_size=128),
+        ...                    overrides={"*.down_proj.weight": Quantized(bits=1, group_size=128)})
+        >>> cfg.estimator_for("layers.0.mlp.down_proj.weight").bits, cfg.estimator_for("lm_head.weight").bits
+        (1, 2)
     """
 
     estimator: EstimatorSettings
@@ -113,17 +127,18 @@ class VeloraConfig:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     memory_budget: Optional[float]
+    overrides: tuple[tuple[str, EstimatorSettings], ...]
 
     def __init__(self, estimator: Union[EstimatorSettings, str, dict, None] = None, *, seed: int = 0,
                  scale: float = 1.0, min_saved_bytes: int = 0, include: Any = ("*",), exclude: Any = (),
-                 memory_budget: Optional[float] = None, **legacy: Any):  # fmt: skip
+                 memory_budget: Optional[float] = None, overrides: Any = (), **legacy: Any):  # fmt: skip
         unknown = set(legacy) - set(_LEGACY)
         if unknown:
             raise TypeError(f"VeloraConfig got unexpected keyword arguments {sorted(unknown)}")
         settings = _estimator_settings(estimator, legacy)
         fields = {"estimator": settings, "seed": seed, "scale": scale, "min_saved_bytes": min_saved_bytes,
                   "include": _as_patterns(include, "include"), "exclude": _as_patterns(exclude, "exclude"),
-                  "memory_budget": memory_budget}  # fmt: skip
+                  "memory_budget": memory_budget, "overrides": _overrides(overrides, settings)}  # fmt: skip
         for name, value in fields.items():
             object.__setattr__(self, name, value)
         self._check()
@@ -168,6 +183,19 @@ class VeloraConfig:
             return f"matches no include pattern {self.include!r}"
         return None
 
+    def estimator_for(self, param_name: str) -> EstimatorSettings:
+        """The estimator's settings for the weight named ``param_name``: the first matching override's, else
+        ``estimator``."""
+        for pattern, settings in self.overrides:
+            if fnmatch.fnmatchcase(param_name, pattern):
+                return settings
+        return self.estimator
+
+    def for_weight(self, param_name: str) -> "VeloraConfig":
+        """This config with ``estimator_for(param_name)`` as its estimator and no overrides: what one site's codec
+        is built from (``estimators.for_config``)."""
+        return self if not self.overrides else _for_weight(self, param_name)
+
     # -- the 0.2 fields, read back from the estimator ------------------------------------------------
 
     def _field(self, name: str, default: Any = None) -> Any:
@@ -201,7 +229,8 @@ class VeloraConfig:
         """A plain, JSON-serialisable dict; ``VeloraConfig.from_dict`` inverts it."""
         return {"estimator": self.estimator.to_dict(), "seed": self.seed, "scale": self.scale,
                 "min_saved_bytes": self.min_saved_bytes, "include": list(self.include),
-                "exclude": list(self.exclude), "memory_budget": self.memory_budget}  # fmt: skip
+                "exclude": list(self.exclude), "memory_budget": self.memory_budget,
+                **({"overrides": {p: e.to_dict() for p, e in self.overrides}} if self.overrides else {})}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VeloraConfig":
@@ -215,6 +244,50 @@ class VeloraConfig:
         with warnings.catch_warnings():  # a stored 0.2 config is not the user's spelling
             warnings.simplefilter("ignore", DeprecationWarning)
             return cls(**data, **_stored_legacy(data.get("estimator"), legacy))
+
+
+@functools.lru_cache(maxsize=1024)
+def _for_weight(config: VeloraConfig, param_name: str) -> VeloraConfig:
+    """``config.for_weight(param_name)``, built once (the FX route asks on every call of a site)."""
+    return dataclasses.replace(config, estimator=config.estimator_for(param_name), overrides=())
+
+
+def _overrides(value: Any, base: EstimatorSettings) -> tuple[tuple[str, EstimatorSettings], ...]:
+    """``VeloraConfig.overrides`` as ``((pattern, settings), ...)``, from a dict (or pairs) of patterns to settings
+    (or their ``to_dict()``), each checked against ``base``: same estimator, differing in ``SITE_FIELDS`` only."""
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [tuple(pair) for pair in pairs]
+    except TypeError:
+        raise ValueError(f"VeloraConfig.overrides must be a dict of glob patterns to estimator settings, got {value!r}") from None
+    out = []
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"VeloraConfig.overrides must map glob patterns (str) to estimator settings, got {pair!r}")
+        pattern, settings = pair[0], _estimator_settings(pair[1], {}) if isinstance(pair[1], dict) else pair[1]
+        if not isinstance(settings, EstimatorSettings):
+            raise ValueError(f"VeloraConfig.overrides[{pattern!r}] must be estimator settings such as "
+                             f"{type(base).__name__}(...), got {settings!r}")  # fmt: skip
+        if type(settings) is not type(base):
+            raise ValueError(
+                f"VeloraConfig.overrides[{pattern!r}] is {type(settings).__name__}, but the estimator is "
+                f"{type(base).__name__}: an override changes how much a weight's input keeps, not the estimator; "
+                f"give {type(base).__name__}(...) with other {_site_fields(base)}, or exclude the weight"
+            )
+        same = dataclasses.replace(settings, **{f: getattr(base, f) for f in type(base).SITE_FIELDS})
+        differ = [f.name for f in dataclasses.fields(base) if getattr(same, f.name) != getattr(base, f.name)]
+        if differ:
+            raise ValueError(
+                f"VeloraConfig.overrides[{pattern!r}] changes {differ}, which must be the same for every weight; an "
+                f"override may change only {_site_fields(base)} (the rest is the estimator's: set it there)"
+            )
+        out.append((pattern, settings))
+    return tuple(out)
+
+
+def _site_fields(settings: EstimatorSettings) -> str:
+    fields = type(settings).SITE_FIELDS
+    return " / ".join(fields) if fields else f"nothing ({type(settings).__name__} has no per-weight sizes)"
 
 
 def _stored_legacy(estimator: Any, legacy: dict[str, Any]) -> dict[str, Any]:

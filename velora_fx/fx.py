@@ -58,7 +58,7 @@ def _plain(x, weight, bias, weight_is_out_by_in: bool) -> torch.Tensor:
                         "velora_fx.calibrate(model, batch) before compiling with fullgraph=True")  # fmt: skip
 def _calibrate(state: ProjectionState, name: str, x: torch.Tensor, site: str) -> None:
     entry, est = state.get(name), for_config(state.config)
-    basis_shape = _basis_shape(entry, est)
+    basis_shape = _basis_shape(state, name)
     total, count = lifecycle.statistics(est, entry, x.reshape(-1, x.shape[-1]), basis_shape, refreshing=False)
     lifecycle.calibrate(entry, est, total, count, basis_shape, f"weight {name!r} (graph node {site!r})")
 
@@ -71,7 +71,7 @@ def _advance(state: ProjectionState, name: str, x: torch.Tensor) -> None:
     index = lifecycle.begin_step(entry, est)
     if index is not None:
         x2d = x.reshape(-1, x.shape[-1])
-        total, count = lifecycle.statistics(est, entry, x2d, _basis_shape(entry, est), refreshing=True)
+        total, count = lifecycle.statistics(est, entry, x2d, _basis_shape(state, name), refreshing=True)
         lifecycle.refresh(entry, est, index, total, count)
 
 
@@ -100,7 +100,7 @@ def project(state: ProjectionState, x: torch.Tensor, weight: torch.Tensor, *, na
     if not torch.is_grad_enabled():
         return None  # a calibration-only call
     with torch.no_grad():
-        return est.encode(x.detach().to(ops.compute_dtype(x)), entry.basis, _basis_shape(entry, est))
+        return est.encode(x.detach().to(ops.compute_dtype(x)), entry.basis, _basis_shape(state, name))
 
 
 def _weight_grad_of(est, basis_shape):
@@ -119,10 +119,10 @@ def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], w
     est = for_config(state.config)
     if (training or _forced_calibration) and site not in state.fx_inputs and not torch.compiler.is_compiling():
         kept = x.numel() * x.element_size() >= state.config.min_saved_bytes
-        state.fx_inputs[site] = (tuple(x.shape), ops.compute_dtype(x), _basis_shape(state.get(name), est), kept)
+        state.fx_inputs[site] = (tuple(x.shape), ops.compute_dtype(x), _basis_shape(state, name), kept)
     if p is None or not training:
         return _plain(x, weight, bias, weight_is_out_by_in)
-    weight_grad = _weight_grad_of(est, _basis_shape(state.get(name), est))
+    weight_grad = _weight_grad_of(est, _basis_shape(state, name))
     return ops.VeloraLinearFunction.apply(x, p, weight, bias, state.get(name).basis, state.config.scale,
                                           weight_is_out_by_in, weight_grad)  # fmt: skip
 
@@ -175,7 +175,13 @@ def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.G
 
 def linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
     """``passes/fx_linear.py`` on a prepared ``gm`` with ``config``'s codec and this route's ops; idempotent."""
-    return fx_linear.velora_linear_pass(gm, for_config(config), config.why_excluded, _runtime(gm))
+    codec = functools.partial(_codec_for, config)
+    return fx_linear.velora_linear_pass(gm, codec, config.why_excluded, _runtime(gm))
+
+
+def _codec_for(config: VeloraConfig, weight: str):
+    """The codec of ``weight``: the config's estimator with the weight's own sizes (``VeloraConfig.overrides``)."""
+    return for_config(config.for_weight(weight))
 
 
 def _runtime(gm: fx.GraphModule) -> fx_linear.FxRuntime:
@@ -184,7 +190,7 @@ def _runtime(gm: fx.GraphModule) -> fx_linear.FxRuntime:
     def bind(weight: str, leader: str, features: int) -> None:
         state = _state_of(gm)
         codec = for_config(state.config)
-        basis_shape = codec.basis_shape(features)[0]
+        basis_shape = _codec_for(state.config, leader).basis_shape(features)[0]
         how = {"route": "transform's", "fix": "transform with the config it was trained with"}
         lead = lifecycle.bind(gm.get_parameter(leader), leader, state, codec, basis_shape, features, **how)
         if weight != leader:
@@ -217,11 +223,13 @@ def records(obj: Any, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRec
     return out
 
 
-def _basis_shape(entry, est) -> tuple[int, int]:
-    """The ``(d, r)`` of an entry's estimator (a traced codec's from its config; its state is only a key)."""
-    if est.traced:
-        return est.basis_shape(0)[0]
-    basis = entry.basis
+def _basis_shape(state: ProjectionState, name: str) -> tuple[int, int]:
+    """The ``(d, r)`` of weight ``name``'s codec: a traced codec's from the config (its state is only a key; the
+    sizes may be the weight's own, ``VeloraConfig.overrides``), a projection's from its basis."""
+    codec = for_config(state.config.for_weight(name))
+    if codec.traced:
+        return codec.basis_shape(0)[0]
+    basis = state.get(name).basis
     return basis.shape[0], 1 if basis.dim() == 1 else basis.shape[1]
 
 
@@ -246,7 +254,7 @@ def _records(gm: fx.GraphModule, inputs: Optional[dict[str, tuple]] = None) -> l
             if info is None and state is not None and record.weight in (inputs or {}) and record.weight in state:
                 shape, dtype = inputs[record.weight]  # seen by the compile backend: torch.compile runs this graph
                 dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-                info = (shape, dtype, _basis_shape(state.get(record.weight), for_config(state.config)), None)
+                info = (shape, dtype, _basis_shape(state, record.weight), None)
             if info is not None:
                 shape, dtype, basis_shape, kept = info
                 before = input_bytes(shape, dtype)

@@ -238,18 +238,22 @@ class QuantizedCodec(Estimator):
     def refreshed(self, basis, total, count, name, index):
         return key_for(self.config.seed, name, index)
 
+    # The site's sizes come from its ``basis_shape``, ``(group_size, bits)``, not from the settings: a per-weight
+    # override (``VeloraConfig.overrides``) gives each site its own.
+
     def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
-        q = self.settings
-        return (join(*encode(x, state, q.bits, q.group_size, q.rounding == "stochastic")),)
+        group_size, bits = basis_shape
+        return (join(*encode(x, state, bits, group_size, self.settings.rounding == "stochastic")),)
 
     def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-        q = self.settings
-        return decode(*split(saved[0], q.bits, q.group_size, features), q.bits, q.group_size, features, dtype)
+        group_size, bits = basis_shape
+        return decode(*split(saved[0], bits, group_size, features), bits, group_size, features, dtype)
 
     def kept_bytes(self, shape, dtype, basis_shape) -> int:
-        q = self.settings
-        return kept_bytes(shape, q.bits, q.group_size)
+        group_size, bits = basis_shape
+        return kept_bytes(shape, bits, group_size)
 
     def per_token(self, features: int, basis_shape) -> float:
-        return self.settings.bits_per_element
+        group_size, bits = basis_shape
+        return bits + 32 / group_size

@@ -53,6 +53,9 @@ class EstimatorSettings:
 
     name: ClassVar[str]
     refresh_every: int = 0
+    #: the fields that say how much one input keeps (and nothing else): the only ones a per-weight override
+    #: (``VeloraConfig(overrides=...)``) may change. They reach the codec through the site's ``basis_shape``.
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -97,6 +100,7 @@ class Velora(EstimatorSettings):
     refresh_every: int = 0
 
     name: ClassVar[str] = "velora"
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ("num_groups", "sub_token_size")
 
     def __post_init__(self) -> None:
         if self.num_groups is not None and self.sub_token_size is not None:
@@ -149,6 +153,7 @@ class RandomProjection(EstimatorSettings):
     refresh_every: int = 0
 
     name: ClassVar[str] = "random"
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ("rank",)
 
     def __post_init__(self) -> None:
         _positive_int("RandomProjection", "rank", self.rank)
@@ -166,6 +171,7 @@ class Principal(EstimatorSettings):
     refresh_decay: float = 0.5
 
     name: ClassVar[str] = "principal"
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ("rank",)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -182,6 +188,7 @@ class PrincipalRandom(Principal):
     random_rank: Optional[int] = None
 
     name: ClassVar[str] = "principal_random"
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ()  # a refresh splits the rank by random_rank, one for every weight
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,6 +236,7 @@ class Quantized(EstimatorSettings):
     rounding: str = "stochastic"
 
     name: ClassVar[str] = "quantized"
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ("bits", "group_size")
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
