@@ -139,10 +139,10 @@ def test_config_round_trips_and_rejects_projection_settings():
 # -- both routes: dW is gᵀ x̂ with the draws of its step; the rest is exact --------------------------------------
 
 
-#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, and one ``v_proj`` at 1 bit,
-#: apart from the ``q_proj`` / ``k_proj`` it shares its input with (one record each)
+#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, and one ``k_proj`` and
+#: ``v_proj`` at 1 bit, apart from the ``q_proj`` they share their input with (two records: one per size)
 OVERRIDES = {"*.mlp.down_proj.weight": Quantized(bits=4, group_size=8),
-             "layers.1.self_attn.v_proj.weight": Quantized(bits=1, group_size=16)}  # fmt: skip
+             "layers.1.self_attn.[kv]_proj.weight": Quantized(bits=1, group_size=16)}  # fmt: skip
 
 
 def _formula(x, g, key, settings: Quantized, scale=1.0):
@@ -214,8 +214,13 @@ def test_compiled_keeps_fewer_bytes_and_the_same_loss(compiled_stack):
         if r.bytes_after:  # the first weight of a record counts it (and the first of an input the input)
             assert r.bytes_after == q.kept_bytes(r.input_shape, s.bits, s.group_size)
             assert r.bytes_after == math.prod(r.input_shape) * 4 * s.bits_per_element / 32
-    v_proj = next(r for r in rep.compressed if r.weight == "layers.1.self_attn.v_proj.weight")
-    assert v_proj.bytes_after and not v_proj.bytes_before  # a record of its own, of an input counted on q_proj
+    attn = {r.weight.split(".")[-2]: r for r in rep.compressed if r.weight.startswith("layers.1.self_attn.")}
+    assert attn["q_proj"].bytes_before and attn["q_proj"].bytes_after  # the input, counted once, and q's record
+    assert attn["k_proj"].bytes_after and not attn["k_proj"].bytes_before  # k's and v's record, counted on k ...
+    assert not attn["v_proj"].bytes_after and not attn["v_proj"].bytes_before  # ... not again on v
+    projs = velora_fx.projections(compiled_stack["model"])
+    k, v, q_ = (projs[f"layers.1.self_attn.{n}.weight"].root for n in ("k_proj", "v_proj", "q_proj"))
+    assert k is v and k is not q_  # one key per (input, size)
 
 
 def test_fx_route_dw_is_the_formula_and_matches_the_backend():

@@ -28,7 +28,7 @@ from velora_fx import _torch_internals as ti
 from velora_fx import dynamo_graph, partition_summary, plan_store
 from velora_fx.codec import Estimator
 from velora_fx.config import VeloraConfig
-from velora_fx.estimators import for_config
+from velora_fx.estimators import for_config, for_weight
 from velora_fx.ops import refreshed_direction
 from velora_fx.partition_summary import ForwardSummary, JointOutline
 from velora_fx.passes.contract import GraphSpec, ParamSlot, RewriteOptions
@@ -107,7 +107,7 @@ def _slots(params, uses, config: VeloraConfig, estimator: Estimator, num_inputs:
     ``runtime.py``)."""
     slots: list[ParamSlot] = []
     new_inputs: list[tuple[str, torch.Tensor]] = []
-    leaders: dict[tuple[str, ...], int] = {}
+    leaders: dict[tuple, int] = {}  # (the input, the site's sizes) -> the slot that leads its state
     for i, node, param in params:
         use = uses[i]
         owner = find_owner(param)
@@ -115,20 +115,20 @@ def _slots(params, uses, config: VeloraConfig, estimator: Estimator, num_inputs:
         reason = config.why_excluded(name) or use.reason
         basis_shape = None
         if not reason:  # the site's own sizes (VeloraConfig.overrides); the lifecycle is the estimator's
-            basis_shape, reason = for_config(config.for_weight(name)).basis_shape(use.features)
+            basis_shape, reason = for_weight(config, name).basis_shape(use.features)
         if reason:
             slots.append(ParamSlot(i, name, features=use.features, reason=reason))
             continue
         refreshed = estimator.refreshed_in_graph
-        leader = leaders.get(use.inputs) if estimator.shares_per_input else None
-        if leader is not None and slots[leader].basis_shape == basis_shape:
+        leader = leaders.get((use.inputs, basis_shape)) if estimator.shares_per_input else None
+        if leader is not None:
             slots.append(ParamSlot(i, name, slots[leader].basis_primal, use.features, basis_shape, refreshed, leader=leader))
             continue
         basis_primal = num_inputs + len(new_inputs)
         state = torch.zeros(estimator.state_shape(basis_shape), dtype=torch.float32, device=param.device)
         new_inputs.append((f"velora_basis_{len(new_inputs)}", state))
         slots.append(ParamSlot(i, name, basis_primal, use.features, basis_shape, refreshed))
-        leaders.setdefault(use.inputs, len(slots) - 1)
+        leaders.setdefault((use.inputs, basis_shape), len(slots) - 1)
     return slots, new_inputs
 
 

@@ -43,7 +43,7 @@ from .config import Principal, PrincipalRandom, Quantized, RandomProjection, Vel
 from .quantized import QuantizedCodec
 
 __all__ = ["Estimator", "ProjectionCodec", "VeloraCodec", "RandomCodec", "PrincipalCodec", "PrincipalRandomCodec",
-           "QuantizedCodec", "CODECS", "for_config"]  # fmt: skip
+           "QuantizedCodec", "CODECS", "for_config", "for_weight"]  # fmt: skip
 
 
 def _finite(tensor: torch.Tensor, name: str) -> None:
@@ -293,3 +293,9 @@ def for_config(config: VeloraConfig) -> Estimator:
     """The codec of a config's estimator (one object per config: the FX route asks on every call of a site, and a
     codec is stateless given its config)."""
     return CODECS[type(config.estimator)](config)
+
+
+def for_weight(config: VeloraConfig, weight: str) -> Estimator:
+    """The codec of the weight named ``weight``: the config's estimator with that weight's own sizes
+    (``VeloraConfig.overrides``). Ask it for the site's ``basis_shape`` only; everything else is ``for_config``'s."""
+    return for_config(config.for_weight(weight))

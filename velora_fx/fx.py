@@ -27,7 +27,7 @@ from velora_fx.passes.sites import META_KEY
 
 from . import lifecycle, ops
 from .config import VeloraConfig
-from .estimators import for_config
+from .estimators import for_config, for_weight
 from .records import COMPRESSED, SKIPPED, SiteRecord, input_bytes
 from .state import CONTAINER, ProjectionState, prepare, strip_compiled
 
@@ -116,13 +116,16 @@ def linear(state: ProjectionState, x: torch.Tensor, p: Optional[torch.Tensor], w
            bias: Optional[torch.Tensor], *, name: str, site: str, weight_is_out_by_in: bool) -> torch.Tensor:  # fmt: skip
     """One site: the plain op, keeping ``p`` instead of ``x`` for ``dW`` when ``p`` is given."""
     training = torch.is_grad_enabled() and weight.requires_grad and x.is_floating_point() and x.numel() > 0
-    est = for_config(state.config)
-    if (training or _forced_calibration) and site not in state.fx_inputs and not torch.compiler.is_compiling():
+    record = (training or _forced_calibration) and site not in state.fx_inputs and not torch.compiler.is_compiling()
+    if not (record or (p is not None and training)):
+        return _plain(x, weight, bias, weight_is_out_by_in)
+    basis_shape = _basis_shape(state, name)
+    if record:
         kept = x.numel() * x.element_size() >= state.config.min_saved_bytes
-        state.fx_inputs[site] = (tuple(x.shape), ops.compute_dtype(x), _basis_shape(state, name), kept)
+        state.fx_inputs[site] = (tuple(x.shape), ops.compute_dtype(x), basis_shape, kept)
     if p is None or not training:
         return _plain(x, weight, bias, weight_is_out_by_in)
-    weight_grad = _weight_grad_of(est, _basis_shape(state, name))
+    weight_grad = _weight_grad_of(for_config(state.config), basis_shape)
     return ops.VeloraLinearFunction.apply(x, p, weight, bias, state.get(name).basis, state.config.scale,
                                           weight_is_out_by_in, weight_grad)  # fmt: skip
 
@@ -175,13 +178,8 @@ def transform(gm: fx.GraphModule, config: Optional[VeloraConfig] = None) -> fx.G
 
 def linear_pass(gm: fx.GraphModule, config: VeloraConfig) -> PassResult:
     """``passes/fx_linear.py`` on a prepared ``gm`` with ``config``'s codec and this route's ops; idempotent."""
-    codec = functools.partial(_codec_for, config)
+    codec = functools.partial(for_weight, config)
     return fx_linear.velora_linear_pass(gm, codec, config.why_excluded, _runtime(gm))
-
-
-def _codec_for(config: VeloraConfig, weight: str):
-    """The codec of ``weight``: the config's estimator with the weight's own sizes (``VeloraConfig.overrides``)."""
-    return for_config(config.for_weight(weight))
 
 
 def _runtime(gm: fx.GraphModule) -> fx_linear.FxRuntime:
@@ -190,7 +188,7 @@ def _runtime(gm: fx.GraphModule) -> fx_linear.FxRuntime:
     def bind(weight: str, leader: str, features: int) -> None:
         state = _state_of(gm)
         codec = for_config(state.config)
-        basis_shape = _codec_for(state.config, leader).basis_shape(features)[0]
+        basis_shape = for_weight(state.config, leader).basis_shape(features)[0]
         how = {"route": "transform's", "fix": "transform with the config it was trained with"}
         lead = lifecycle.bind(gm.get_parameter(leader), leader, state, codec, basis_shape, features, **how)
         if weight != leader:
@@ -226,7 +224,7 @@ def records(obj: Any, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRec
 def _basis_shape(state: ProjectionState, name: str) -> tuple[int, int]:
     """The ``(d, r)`` of weight ``name``'s codec: a traced codec's from the config (its state is only a key; the
     sizes may be the weight's own, ``VeloraConfig.overrides``), a projection's from its basis."""
-    codec = for_config(state.config.for_weight(name))
+    codec = for_weight(state.config, name)
     if codec.traced:
         return codec.basis_shape(0)[0]
     basis = state.get(name).basis

@@ -21,7 +21,9 @@ weight still has its own projection in the state (its ``leader`` is the first
 weight's), so ``state_dict()`` lists every weight and each ``dW`` is the
 formula with its own (shared) basis. A checkpoint whose shared projections
 differ (written by other code) is warned about, and the first weight's basis
-is used. The FX route (``velora_fx.transform``) follows the same rule.
+is used. Weights of one input with different sizes (``VeloraConfig.overrides``)
+share by size: one basis and one ``p`` per (input, size). The FX route
+(``velora_fx.transform``) follows the same rule.
 
 NOTE [one basis on every rank]
 Under data parallelism (DDP, FSDP) every rank must project with the same
