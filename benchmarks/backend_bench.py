@@ -72,11 +72,13 @@ def config_for(which: str, groups: int):
         return velora_fx.VeloraConfig(estimator=velora_fx.PrincipalRandom(rank=groups, refresh_every=1))
     if which == "random-every1":
         return velora_fx.VeloraConfig(estimator=velora_fx.RandomProjection(rank=groups, refresh_every=1))
-    if which.startswith("quant"):  # quant<bits>[-g<group size>][-nearest][-down<bits>: down_proj's own bits]
+    if which.startswith("quant"):  # quant<bits>[-g<group size>][-nearest][-down<bits>[h]: down_proj's own bits, rotated]
         bits, *rest = which.removeprefix("quant").split("-")
         group = next((int(r[1:]) for r in rest if r.startswith("g")), 32)
         rounding = "nearest" if "nearest" in rest else "stochastic"
-        down = {"*.down_proj.weight": velora_fx.Quantized(int(r[4:]), group, rounding) for r in rest if r.startswith("down")}
+        down = {"*.down_proj.weight": velora_fx.Quantized(int(r[4:].removesuffix("h")), group, rounding,
+                                                          "hadamard" if r.endswith("h") else "none")
+                for r in rest if r.startswith("down")}  # fmt: skip
         return velora_fx.VeloraConfig(estimator=velora_fx.Quantized(int(bits), group, rounding), overrides=down)
     return velora_fx.VeloraConfig(estimator=which, rank=groups)
 
@@ -128,7 +130,7 @@ def _shape_args(args) -> list[str]:
 
 
 METHODS = ("default", "velora", "random", "principal", "principal_random", "prand-every1", "random-every1", "quant1", "quant2",
-           "quant3", "quant4", "quant8", "quant4-nearest", "quant2-g128", "quant2-g128-down1", "default-b0.3", "velora-b0.3", "quant2-b0.3")
+           "quant3", "quant4", "quant8", "quant4-nearest", "quant2-g128", "quant2-g128-down1", "quant2-g128-down1h", "default-b0.3", "velora-b0.3", "quant2-b0.3")
 
 
 def main() -> None:

@@ -63,6 +63,10 @@ METHODS = {
     # per-weight sizes (VeloraConfig.overrides): down_proj's 1024 features at 1 bit, within VeLoRA's bytes
     "quant2-g128-down1": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128},
                                  overrides={"*.down_proj.weight": {"name": "quantized", "bits": 1, "group_size": 128}}),
+    # ... with down_proj's groups rotated (randomized Hadamard) before its 1-bit codes: the same bytes
+    "quant2-g128-down1h": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128},
+                                  overrides={"*.down_proj.weight": {"name": "quantized", "bits": 1, "group_size": 128,
+                                                                    "rotation": "hadamard"}}),
 }  # fmt: skip
 
 #: the estimator the README recommends (from the table ``summary`` prints)
@@ -191,6 +195,7 @@ LABELS = {
     "quant4-nearest": "`Quantized(bits=4, rounding=\"nearest\")`",
     "quant2-g128": "`Quantized(bits=2, group_size=128)` (2.25 bits/element)",
     "quant2-g128-down1": "`Quantized(bits=2, group_size=128)`, `down_proj` at `bits=1` (1.25 bits/element)",
+    "quant2-g128-down1h": "... and `down_proj` rotated first (`rotation=\"hadamard\"`)",
 }
 
 BYTES = RESULTS / "bytes.json"

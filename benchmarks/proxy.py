@@ -50,6 +50,13 @@ ESTIMATORS = {
     **{f"quant{b}": ("quant", (b, 32, True)) for b in (1, 2, 3, 4)},
     "quant4-nearest": ("quant", (4, 32, False)),
     "quant2-g128": ("quant", (2, 128, True)),
+    # rotated (randomized Hadamard) before quantizing: Quantized(rotation="hadamard")
+    "quant2h": ("quant", (2, 32, True, True)),
+    "quant2-g128h": ("quant", (2, 128, True, True)),
+    "quant1-g128h": ("quant", (1, 128, True, True)),
+    # per-weight sizes: down_proj at 1 bit (VeLoRA's bytes on the study's model), rotated or not
+    "quant2-g128-down1": ("quant", {"": (2, 128, True), "down_proj": (1, 128, True)}),
+    "quant2-g128-down1h": ("quant", {"": (2, 128, True), "down_proj": (1, 128, True, True)}),
     # torchao's MX formats (OCP Microscaling: one power-of-two scale per 32 elements, round to nearest), if installed
     "mxfp4": ("mx", "float4_e2m1fn_x2"),  # 4.25 bits per element
     "mxfp6_e2m3": ("mx", "fp6_e2m3"),  # 6.25
@@ -141,9 +148,12 @@ def estimate(kind, setting, name: str, x1, x2, g2, draw: int) -> torch.Tensor:
         elem = getattr(torch, setting, setting)  # a torch dtype, or torchao's name of an fp6 format
         x_hat = _torchao_mx().to_mx(x2.float(), elem, 32).dequantize(torch.float32).double()
     else:
-        bits, group, stochastic = setting
-        codes, scales = q.encode(x2.float(), q.key_for(0, name, draw), bits, group, stochastic)
-        x_hat = q.decode(codes, scales, bits, group, x2.shape[-1], torch.float64)
+        if isinstance(setting, dict):  # per-weight: the entry whose key is in the name, else ""'s
+            setting = next((v for k, v in setting.items() if k and k in name), setting[""])
+        bits, group, stochastic, *rotated = setting
+        key = q.key_for(0, name, draw)
+        codes, scales = q.encode(x2.float(), key, bits, group, stochastic, bool(rotated))
+        x_hat = q.decode(codes, scales, bits, group, x2.shape[-1], torch.float64, key if rotated else None)
     return g2.t() @ x_hat
 
 
@@ -163,7 +173,7 @@ def run(args) -> dict:
         energy = float(dw2.pow(2).sum())
         row = {"D": x2.shape[-1], "noise": float((dw1 - dw2).pow(2).sum()) / (2 * energy)}
         for est, (kind, setting) in estimators.items():
-            draws = 1 if kind in ("velora", "mx") or (kind == "quant" and not setting[2]) else args.draws
+            draws = 1 if kind in ("velora", "mx") or (kind == "quant" and isinstance(setting, tuple) and not setting[2]) else args.draws
             errs = [float((estimate(kind, setting, name, x1, x2, g2, i) - dw2).pow(2).sum()) / energy for i in range(draws)]
             row[est] = sum(errs) / len(errs)
         layers[name] = row
@@ -171,6 +181,9 @@ def run(args) -> dict:
     for est in estimators:
         summary[est] = {"rel_err2": statistics.median(r[est] for r in layers.values()),
                         "per_noise": statistics.median(r[est] / r["noise"] for r in layers.values())}  # fmt: skip
+        down = [r for n, r in layers.items() if "down_proj" in n]
+        if down:  # the MLP's widest input, the product of two activations: where rotation pays
+            summary[est]["down_proj_per_noise"] = statistics.median(r[est] / r["noise"] for r in down)
     summary["noise"] = statistics.median(r["noise"] for r in layers.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"model": args.model, "commit": commit, "args": vars(args), "summary": summary, "layers": layers}
@@ -179,8 +192,10 @@ def run(args) -> dict:
 def table(result: dict) -> str:
     s = result["summary"]
     lines = [f"{result['model']}: {len(result['layers'])} linears, minibatch noise (median) {s['noise']:.3g}",
-             "| estimator | rel. error² (median) | / minibatch noise (median) |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {e} | {s[e]['rel_err2']:.3g} | {s[e]['per_noise']:.3g} |" for e in ESTIMATORS if e in s]
+             "| estimator | rel. error² (median) | / minibatch noise (median) | / noise, down_proj (median) |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {e} | {s[e]['rel_err2']:.3g} | {s[e]['per_noise']:.3g} | {s[e].get('down_proj_per_noise', float('nan')):.3g} |"
+              for e in ESTIMATORS if e in s]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -84,25 +84,68 @@ def test_pack_and_unpack_are_inverse(rows, bits, seed):
     assert packed[0, :bits].tolist() == expected  # low byte first
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_stochastic_rounding_is_unbiased_and_nearest_is_not(bits):
-    """Averaged over ``M`` steps (keys), stochastic rounding's error shrinks like ``1/√M``; nearest's stays."""
+@pytest.mark.parametrize("bits, rotated", [(1, False), (2, False), (4, False), (1, True), (2, True)])
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not(bits, rotated):
+    """Averaged over ``M`` steps (keys), stochastic rounding's error shrinks like ``1/√M``, rotated or not;
+    nearest's stays (unrotated: the same every step)."""
     x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float() * 2 + 0.5
+
+    def estimate(stochastic, i):
+        key = q.key_for(0, "w", i)
+        codes, scales = q.encode(x, key, bits, 32, stochastic, rotated)
+        return q.decode(codes, scales, bits, 32, 96, torch.float64, key if rotated else None)
+
     m = 300
+    rms = float((estimate(True, 0) - x).norm())
+    assert float((sum(estimate(True, i) for i in range(m)) / m - x).norm()) <= 4 * rms / math.sqrt(m)
+    if not rotated:
+        biased = float((estimate(False, 0) - x).norm())
+        assert float((sum(estimate(False, i) for i in range(m)) / m - x).norm()) == pytest.approx(biased)
 
-    def mean_estimate(stochastic):
-        total = torch.zeros_like(x, dtype=torch.float64)
-        for i in range(m):
-            codes, scales = q.encode(x, q.key_for(0, "w", i), bits, 32, stochastic)
-            total += q.decode(codes, scales, bits, 32, 96, torch.float64)
-        return total / m
 
-    one = q.encode(x, q.key_for(0, "w", 0), bits, 32, True)
-    rms = float((q.decode(*one, bits, 32, 96, torch.float64) - x).norm())
-    assert float((mean_estimate(True) - x).norm()) <= 4 * rms / math.sqrt(m)
-    nearest = q.encode(x, q.key_for(0, "w", 0), bits, 32, False)
-    biased = float((q.decode(*nearest, bits, 32, 96, torch.float64) - x).norm())
-    assert float((mean_estimate(False) - x).norm()) == pytest.approx(biased)  # the same every step
+@given(st.sampled_from([8, 16, 32, 64, 128, 256]), st.integers(0, 2**20))
+def test_the_rotation_is_a_signed_hadamard_matrix_drawn_from_the_key(group, step):
+    key = q.key_for(3, "w", step)
+    r = q.rotation(key, group)
+    assert r.dtype == torch.float32 and r.shape == (group, group)
+    assert torch.equal(r @ r.t(), group * torch.eye(group))  # orthogonal up to the exact factor G
+    assert torch.equal(r.abs(), torch.ones_like(r))
+    signs = r[:, 0]  # H's first column is all ones: what is left is the signs S
+    h = r * signs.unsqueeze(-1)
+    i = torch.arange(group)
+    parity = torch.tensor([[bin(a & b).count("1") % 2 for b in i.tolist()] for a in i.tolist()])
+    assert torch.equal(h, (1 - 2 * parity).float())  # Sylvester's H[i, j] = (−1)^popcount(i & j)
+    assert torch.equal(r, q.rotation(key.clone(), group))  # reproducible from the key
+    others = torch.stack([q.rotation(q.key_for(3, "w", step + d), group)[:, 0] for d in range(1, 9)])
+    assert bool((others != signs).any(-1).all())  # another step, other signs
+    u = q.uniforms(key, torch.empty(group))
+    assert not torch.equal(signs > 0, u < 0.5) or group < 16  # not the stochastic rounding's draws
+
+
+def test_rotation_narrows_an_outliers_group_and_stays_float32_under_autocast():
+    """One large coordinate per group stretches its range: 1-bit codes of the rotated groups have far less error;
+    without outliers the rotation changes little. Under autocast the rotation's matmul stays float32 (the codes
+    are those of the same input outside autocast)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=g)
+    spiky = x.clone()
+    spiky[:, ::32] *= 40.0
+
+    def error(x, rotated, draws=8):
+        total = 0.0
+        for i in range(draws):
+            key = q.key_for(0, "w", i)
+            codes, scales = q.encode(x, key, 1, 32, True, rotated)
+            total += float((q.decode(codes, scales, 1, 32, 128, torch.float64, key if rotated else None) - x).pow(2).sum())
+        return total / draws
+
+    assert error(spiky, True) < error(spiky, False) / 4
+    assert 0.5 < error(x, True) / error(x, False) < 1.5
+    key = q.key_for(0, "w", 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = q.encode(spiky, key, 1, 32, True, True)
+    outside = q.encode(spiky, key, 1, 32, True, True)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(under, outside))
 
 
 def test_uniforms_are_uniform_keyed_and_leave_torchs_generators_alone():
@@ -126,9 +169,16 @@ def test_config_round_trips_and_rejects_projection_settings():
     cfg = VeloraConfig(estimator=Quantized(bits=3, group_size=64, rounding="nearest"), scale=0.5)
     assert cfg.estimator_name == "quantized" and VeloraConfig.from_dict(cfg.to_dict()) == cfg
     assert Quantized(bits=2, group_size=32).bits_per_element == 3.0
-    for bad in ({"bits": 5}, {"group_size": 12}, {"group_size": 0}, {"rounding": "down"}, {"bits": True}, {"bits": 2.0}):
+    for bad in ({"bits": 5}, {"group_size": 12}, {"group_size": 0}, {"rounding": "down"}, {"bits": True}, {"bits": 2.0},
+                {"rotation": "random"}):  # fmt: skip
         with pytest.raises(ValueError, match="Quantized"):
             Quantized(**bad)
+    with pytest.raises(ValueError, match=r"group_size=48 is not: use 32 or 64"):
+        Quantized(group_size=48, rotation="hadamard")
+    rotated = VeloraConfig(estimator=Quantized(), overrides={"*.down_proj.weight": Quantized(bits=1, rotation="hadamard")})
+    assert VeloraConfig.from_dict(rotated.to_dict()) == rotated
+    assert rotated.estimator_for("layers.0.down_proj.weight").rotation == "hadamard"
+    assert rotated.estimator_for("layers.0.up_proj.weight").rotation == "none"
     for bad in ({"rank": 8}, {"refresh_every": 10}, {"init": "random"}, {"sub_token_size": 4}):
         with pytest.raises(ValueError, match=r"estimator=Quantized\(...\) has no"):
             VeloraConfig(estimator=Quantized(), **bad)
@@ -139,17 +189,18 @@ def test_config_round_trips_and_rejects_projection_settings():
 # -- both routes: dW is gᵀ x̂ with the draws of its step; the rest is exact --------------------------------------
 
 
-#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, and one ``k_proj`` and
-#: ``v_proj`` at 1 bit, apart from the ``q_proj`` they share their input with (two records: one per size)
-OVERRIDES = {"*.mlp.down_proj.weight": Quantized(bits=4, group_size=8),
+#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, rotated, and one ``k_proj``
+#: and ``v_proj`` at 1 bit, apart from the ``q_proj`` they share their input with (two records: one per size)
+OVERRIDES = {"*.mlp.down_proj.weight": Quantized(bits=4, group_size=8, rotation="hadamard"),
              "layers.1.self_attn.[kv]_proj.weight": Quantized(bits=1, group_size=16)}  # fmt: skip
 
 
 def _formula(x, g, key, settings: Quantized, scale=1.0):
     """``scale · gᵀ x̂`` with ``x̂ = decode(encode(x, key))`` in float64, the draws of ``key``."""
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).double()
-    codes, scales = q.encode(x2, key, settings.bits, settings.group_size, settings.rounding == "stochastic")
-    x_hat = q.decode(codes, scales, settings.bits, settings.group_size, x2.shape[-1], torch.float64)
+    rotated = settings.rotation == "hadamard"
+    codes, scales = q.encode(x2, key, settings.bits, settings.group_size, settings.rounding == "stochastic", rotated)
+    x_hat = q.decode(codes, scales, settings.bits, settings.group_size, x2.shape[-1], torch.float64, key if rotated else None)
     return scale * g2.t() @ x_hat
 
 
@@ -212,8 +263,9 @@ def test_compiled_keeps_fewer_bytes_and_the_same_loss(compiled_stack):
     for r in rep.compressed:
         s = cfg.estimator_for(r.weight)
         if r.bytes_after:  # the first weight of a record counts it (and the first of an input the input)
-            assert r.bytes_after == q.kept_bytes(r.input_shape, s.bits, s.group_size)
-            assert r.bytes_after == math.prod(r.input_shape) * 4 * s.bits_per_element / 32
+            rotated = s.rotation == "hadamard"  # then backward reads the key too: 4 bytes
+            assert r.bytes_after == q.kept_bytes(r.input_shape, s.bits, s.group_size, rotated)
+            assert r.bytes_after == math.prod(r.input_shape) * 4 * s.bits_per_element / 32 + 4 * rotated
     attn = {r.weight.split(".")[-2]: r for r in rep.compressed if r.weight.startswith("layers.1.self_attn.")}
     assert attn["q_proj"].bytes_before and attn["q_proj"].bytes_after  # the input, counted once, and q's record
     assert attn["k_proj"].bytes_after and not attn["k_proj"].bytes_before  # k's and v's record, counted on k ...
@@ -227,7 +279,7 @@ def test_fx_route_dw_is_the_formula_and_matches_the_backend():
     torch.manual_seed(2)
     settings = Quantized(bits=3, group_size=8, rounding="stochastic")
     cfg = VeloraConfig(estimator=settings, overrides={"k_proj.weight": Quantized(bits=8, group_size=8),
-                                                      "down_*": Quantized(bits=1, group_size=16)})  # fmt: skip
+                                                      "down_*": Quantized(bits=1, group_size=16, rotation="hadamard")})  # fmt: skip
     block = LlamaBlock(dim=32, heads=2, hidden=48)
     gm = velora_fx.transform(fx.symbolic_trace(copy.deepcopy(block)), cfg)
     eager = copy.deepcopy(block)

@@ -30,6 +30,19 @@ generators (dropout, data order unchanged), every rank draws the same ``u``,
 and a run resumed from a checkpoint (its step counter) draws the same ``u``
 again: bit-identical.
 
+Rotation (``Quantized(rotation="hadamard")``): a group holding one large
+coordinate has a wide range, and every other element of it gets a coarse
+step. Multiplying each group by ``R = S H`` first (``H`` the ``G × G``
+Walsh–Hadamard matrix of ±1, ``S`` random signs drawn from the key, ``R Rᵀ
+= G·I``) spreads that coordinate over the group; backward rotates back::
+
+    ẑ  = quantize(z R)                      per group, as above
+    x̂  = ẑ Rᵀ / G                           E[x̂] = z R Rᵀ / G = z: still unbiased
+
+Nothing more is kept (``S`` comes from the key, ``H`` from integer ops) but
+the key itself, which backward now reads (4 bytes). The products run in
+float32 even under autocast: a bfloat16 rotation would bias the estimate.
+
 What a compressed input keeps is one uint8 record per token (``join``): the
 codes, then the scales' bytes. One tensor, so that the partitioner cannot
 keep the scales upcast to float32 instead (``join`` says why).
@@ -42,14 +55,14 @@ graph (``_torch_internals.trace_into``). One definition, two routes.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .codec import Estimator
 from .ops import seed_for
 
-__all__ = ["QuantizedCodec", "encode", "decode", "join", "split", "uniforms", "key_for", "kept_bytes", "KEY_BITS"]
+__all__ = ["QuantizedCodec", "encode", "decode", "join", "split", "uniforms", "rotation", "key_for", "kept_bytes", "KEY_BITS"]
 
 #: the state input holds the step's key as an integer below ``2**KEY_BITS`` in a float32 (exact)
 KEY_BITS = 24
@@ -77,11 +90,41 @@ def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
+def _signs(key: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` float32 signs ``±1`` from ``key``: a second hash over the first one's output, so that they are not
+    the stochastic rounding's uniforms of any element."""
+    index = torch.arange(count, device=key.device, dtype=torch.int64)
+    k = key.to(torch.int64) * 0x9E3779B1
+    h = _mix32(_mix32(index ^ (k & _M32)) ^ 0x5BD1E995)
+    return (1 - 2 * (h & 1)).to(torch.float32)
+
+
+def rotation(key: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``S H``: the ``group_size × group_size`` Walsh–Hadamard matrix with its rows' signs drawn from ``key``, as
+    float32 ``±1`` entries (NOTE [quantized weight gradient], "Rotation"). ``(S H)(S H)ᵀ = group_size · I``.
+
+    ``H[i, j] = (−1)^popcount(i & j)``, the parity folded out of ``i & j`` with shifts: integer ops only, so both
+    routes build it in the graph from the key (nothing to keep)."""
+    i = torch.arange(group_size, device=key.device, dtype=torch.int64)
+    v = i.unsqueeze(-1) & i
+    for shift in (16, 8, 4, 2, 1):
+        v = v ^ (v >> shift)
+    return _signs(key, group_size).unsqueeze(-1) * (1 - 2 * (v & 1)).to(torch.float32)
+
+
+def _rotate(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``z @ r`` in float32 whatever autocast says: the rotation is part of the estimator, not of the model's
+    matmuls, and a bfloat16 product would bias it."""
+    with torch.autocast(z.device.type, enabled=False):
+        return torch.matmul(z, r)
+
+
 def _groups(features: int, group_size: int) -> int:
     return -(-features // group_size)
 
 
-def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stochastic: bool,
+           rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The codes and the per-group ``(lo, s)`` of ``x`` of shape ``(..., D)`` (NOTE [quantized weight gradient]).
 
     Returns:
@@ -101,6 +144,8 @@ def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stoch
     if n * group_size != features:
         z = torch.nn.functional.pad(z, (0, n * group_size - features))
     z = z.view(-1, n, group_size)
+    if rotated:
+        z = _rotate(z, rotation(key, group_size))
     levels = 2**bits - 1
     lo_f, hi = z.amin(-1), z.amax(-1)
     lo = _round_to_bfloat16(lo_f - lo_f.abs() * _MARGIN)  # at most lo_f
@@ -124,12 +169,16 @@ def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, features: int,
-           dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """``x̂`` of shape ``(N, features)`` in ``dtype`` from ``encode``'s output."""
+           dtype: torch.dtype, key: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """``x̂`` of shape ``(N, features)`` in ``dtype`` from ``encode``'s output; ``key``: the one ``encode`` was
+    given, when it rotated (``rotated=True``), else ``None``."""
     n = scales.shape[-2]
     c = _unpack(codes, bits).view(-1, n, group_size).to(torch.float32)
     lo, step = scales.float().unbind(-1)
-    x_hat = (c * step.unsqueeze(-1) + lo.unsqueeze(-1)).view(-1, n * group_size)
+    x_hat = c * step.unsqueeze(-1) + lo.unsqueeze(-1)
+    if key is not None:
+        x_hat = _rotate(x_hat, rotation(key, group_size).t()) * (1.0 / group_size)  # (S H)⁻¹ = (S H)ᵀ / G: exact scale
+    x_hat = x_hat.view(-1, n * group_size)
     if n * group_size != features:
         x_hat = x_hat[:, :features]
     return x_hat.to(dtype)
@@ -191,12 +240,13 @@ def key_for(seed: int, name: str, step: int) -> torch.Tensor:
     return torch.tensor([float(1 + seed_for(seed, name, step) % (2**KEY_BITS - 1))], dtype=torch.float32)
 
 
-def kept_bytes(shape, bits: int, group_size: int) -> int:
-    """Bytes ``encode`` keeps for an input of ``shape`` (``(..., D)``): codes and scales."""
+def kept_bytes(shape, bits: int, group_size: int, rotated: bool = False) -> int:
+    """Bytes ``encode`` keeps for an input of ``shape`` (``(..., D)``): codes and scales, and when it rotated, the
+    key (``(1,)`` float32), which backward reads to rotate back."""
     features = int(shape[-1]) if len(shape) else 1
     tokens = math.prod(int(s) for s in shape) // features if features else 0
     n = _groups(features, group_size)
-    return tokens * (n * group_size * bits // 8 + n * 2 * 2)
+    return tokens * (n * group_size * bits // 8 + n * 2 * 2) + (4 if rotated else 0)
 
 
 class QuantizedCodec(Estimator):
@@ -221,7 +271,7 @@ class QuantizedCodec(Estimator):
 
     def basis_shape(self, features: int):
         q = self.settings
-        return (q.group_size, q.bits), ""
+        return (q.group_size, q.bits, q.rotation == "hadamard"), ""
 
     def state_shape(self, basis_shape) -> tuple[int, ...]:
         return (1,)
@@ -238,22 +288,23 @@ class QuantizedCodec(Estimator):
     def refreshed(self, basis, total, count, name, index):
         return key_for(self.config.seed, name, index)
 
-    # The site's sizes come from its ``basis_shape``, ``(group_size, bits)``, not from the settings: a per-weight
+    # The site's sizes come from its ``basis_shape``, ``(group_size, bits, rotated)``, not from the settings: a per-weight
     # override (``VeloraConfig.overrides``) gives each site its own.
 
     def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
-        group_size, bits = basis_shape
-        return (join(*encode(x, state, bits, group_size, self.settings.rounding == "stochastic")),)
+        group_size, bits, rotated = basis_shape
+        return (join(*encode(x, state, bits, group_size, self.settings.rounding == "stochastic", rotated)),)
 
     def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-        group_size, bits = basis_shape
-        return decode(*split(saved[0], bits, group_size, features), bits, group_size, features, dtype)
+        group_size, bits, rotated = basis_shape
+        codes, scales = split(saved[0], bits, group_size, features)
+        return decode(codes, scales, bits, group_size, features, dtype, state if rotated else None)
 
     def kept_bytes(self, shape, dtype, basis_shape) -> int:
-        group_size, bits = basis_shape
-        return kept_bytes(shape, bits, group_size)
+        group_size, bits, rotated = basis_shape
+        return kept_bytes(shape, bits, group_size, rotated)
 
     def per_token(self, features: int, basis_shape) -> float:
-        group_size, bits = basis_shape
+        group_size, bits, _ = basis_shape
         return bits + 32 / group_size
