@@ -17,7 +17,9 @@ run by the last test of this file).
 
 Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of drawn examples (CI: 8; the examples earlier runs found are
 ``FOUND``, run by ``tests/test_fuzz_found.py``);
-``VELORA_FX_FUZZ_EXAMPLES=1000`` is the on-demand run (README.md gives the command and what it found).
+``VELORA_FX_FUZZ_EXAMPLES=1000`` is the on-demand run (README.md gives the command and what it found); with
+``VELORA_FX_FUZZ_SEED=k`` a process draws its own stream, so that a long run can be split across cores. The
+quantized estimator is drawn at 1, 2 and 4 bits, rotated or not (``Quantized(rotation="hadamard")``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import contextlib
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
+import hypothesis
 import pytest
 import safetensors.torch
 import torch
@@ -44,6 +48,9 @@ from velora_fx.report import COMPRESSED, SKIPPED
 from .helpers import directions
 
 MAX_EXAMPLES = int(os.environ.get("VELORA_FX_FUZZ_EXAMPLES", "8"))
+#: ``VELORA_FX_FUZZ_SEED=k``: draw stream ``k`` instead of the derandomized one, so that processes with different
+#: ``k`` (one per core) draw different examples: a long run split across cores
+FUZZ_SEED = os.environ.get("VELORA_FX_FUZZ_SEED")
 ACTS = {"none": lambda x: x, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 KINDS = ("module", "functional", "matmul", "matmul_t", "addmm", "bmm")
 
@@ -83,7 +90,7 @@ class ArchSpec:
     autocast: bool
     dynamic: bool
     prepared: bool
-    quant: Optional[tuple[int, int]] = None  # (bits, group_size) of the quantized estimator; None: VeLoRA
+    quant: Optional[tuple] = None  # (bits, group_size[, rotation]) of the quantized estimator; None: VeLoRA
     sequential: bool = False  # the blocks in an nn.Sequential (prepare must leave it as it was) or a ModuleList
 
 
@@ -134,7 +141,8 @@ def arch_specs(draw) -> ArchSpec:
             blocks.append(BlockSpec("attn", lins, residual=draw(st.booleans()), heads=heads, causal=draw(st.booleans())))
     return ArchSpec(dim, lead, tuple(blocks), groups, draw(st.sampled_from([1.0, 0.5])), draw(st.integers(0, 3)) == 0,
                     draw(st.integers(0, 3)) == 0, draw(st.booleans()),
-                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8)])), draw(st.booleans()))  # fmt: skip
+                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8), (2, 8, "hadamard"), (1, 16, "hadamard")])),
+                    draw(st.booleans()))  # fmt: skip
 
 
 # -- the module built from a spec --------------------------------------------------------------------------------
@@ -302,8 +310,13 @@ def _close_quantized_bf16(got, want, what, drift):
     assert few, f"{what}: {int(off.sum())} of {want.numel()} elements off, in {flipped} columns"
 
 
+def _quantized(quant: tuple) -> Quantized:
+    bits, group, *rotation = quant
+    return Quantized(bits=bits, group_size=group, rotation=rotation[0] if rotation else "none")
+
+
 def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autocast: bool,
-               compressed: list[bool], quant: Optional[tuple[int, int]] = None) -> torch.Tensor:  # fmt: skip
+               compressed: list[bool], quant: Optional[tuple] = None) -> torch.Tensor:  # fmt: skip
     """``Σ_uses`` of ``scale · gᵀ x̂`` (a compressed use) or ``gᵀ x`` (a use left exact: a weight used twice may be
     compressed at one use only), in the weight's own layout, ``x̂`` from ``ops.project`` / ``ops.reconstruct`` (the
     quantized estimator: ``quantized.decode(quantized.encode(x, key))``, the draws of the key ``v``)."""
@@ -313,10 +326,12 @@ def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autoca
         if autocast:
             x = tap["x"].to(torch.bfloat16).double()  # autocast runs the matmul on bf16 inputs
         if squeezed and quant is not None:
-            bits, group = quant
+            bits, group, *rotation = quant
+            rotated = rotation == ["hadamard"]
             x2 = x.reshape(-1, x.shape[-1]).float()
-            codes, scales = quantized.encode(x2, v, bits, group, True)
-            x = scale * quantized.decode(codes, scales, bits, group, x.shape[-1], torch.float64).reshape(x.shape)
+            codes, scales = quantized.encode(x2, v, bits, group, True, rotated)
+            x_hat = quantized.decode(codes, scales, bits, group, x.shape[-1], torch.float64, v if rotated else None)
+            x = scale * x_hat.reshape(x.shape)
         elif squeezed:
             x = scale * ops.reconstruct(ops.project(x, v.double()), v.double(), x.shape[-1])
         if lin.kind == "bmm":
@@ -403,6 +418,15 @@ FOUND = {
 @given(spec=arch_specs(), seed=st.integers(0, 2**16))
 def test_random_architecture_matches_eager_and_velora_formula(spec, seed):
     check_architecture(spec, seed, note)
+    if MAX_EXAMPLES >= 100 and len(OUTCOMES) % 50 == 0:  # a long run says how far it is (with -s)
+        print(f"\nfuzz: {len(OUTCOMES)} examples passed, {time.perf_counter() - _START:.0f} s", flush=True)
+
+
+if FUZZ_SEED is not None:
+    test_random_architecture_matches_eager_and_velora_formula = hypothesis.seed(int(FUZZ_SEED))(
+        test_random_architecture_matches_eager_and_velora_formula
+    )
+_START = time.perf_counter()
 
 
 def check_architecture(spec: ArchSpec, seed: int, note=print) -> None:
@@ -415,7 +439,7 @@ def check_architecture(spec: ArchSpec, seed: int, note=print) -> None:
     eager, default_model = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(*spec.lead, spec.dim)
     r = torch.randn(*spec.lead, model.out_width)
-    cfg = (VeloraConfig(estimator=Quantized(*spec.quant), scale=spec.scale) if spec.quant else
+    cfg = (VeloraConfig(estimator=_quantized(spec.quant), scale=spec.scale) if spec.quant else
            VeloraConfig(estimator=Velora(num_groups=spec.num_groups), scale=spec.scale))  # fmt: skip
     if spec.prepared:
         children = list(model.children())
