@@ -228,8 +228,8 @@ class Quantized(EstimatorSettings):
             matrix with random signs before it is quantized, and back after (``group_size`` must be a power of
             two). It spreads a group's outliers over the whole group, which narrows its range: on an MLP's
             ``down_proj`` (a product of two activations) it cuts the error energy 3–5×, elsewhere it
-            changes little (``benchmarks/proxy.py``). It keeps no extra bytes and costs one
-            ``G × G`` matmul per group in forward and another in backward; a per-weight override
+            changes little (``benchmarks/proxy.py``). It keeps no extra bytes but the 4-byte key, and
+            costs one ``G × G`` matmul per group in forward and another in backward; a per-weight override
             (``VeloraConfig(overrides=...)``) can turn it on where it pays.
 
     Example::
