@@ -30,8 +30,9 @@ class ParamSlot:
 
     ``primal`` and ``basis_primal`` are positions among the graph's inputs.
     ``basis_primal is None`` means the parameter keeps its input exactly
-    (``reason`` says why). ``basis_shape`` is ``(d, r)``: the sub-token size
-    and the coordinates kept per sub-token (VeLoRA: ``(D / num_groups, 1)``).
+    (``reason`` says why). ``basis_shape`` is the codec's: for a projection
+    ``(d, r)``, the sub-token size and the coordinates kept per sub-token
+    (VeLoRA: ``(D / num_groups, 1)``); quantized, ``(group_size, bits, rotated)``.
     ``leader`` is the slot whose basis this one uses when both weights read
     the same input (NOTE [one basis per input] in ``velora_fx/runtime.py``).
     ``refreshed``: the basis of this step is computed inside the graph
@@ -42,7 +43,7 @@ class ParamSlot:
     name: str
     basis_primal: Optional[int] = None
     features: Optional[int] = None
-    basis_shape: Optional[tuple[int, int]] = None
+    basis_shape: Optional[tuple[int, ...]] = None
     refreshed: bool = False
     reason: str = ""
     leader: Optional[int] = None

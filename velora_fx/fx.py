@@ -221,8 +221,8 @@ def records(obj: Any, inputs: Optional[dict[str, tuple]] = None) -> list[SiteRec
     return out
 
 
-def _basis_shape(state: ProjectionState, name: str) -> tuple[int, int]:
-    """The ``(d, r)`` of weight ``name``'s codec: a traced codec's from the config (its state is only a key; the
+def _basis_shape(state: ProjectionState, name: str) -> tuple[int, ...]:
+    """The basis shape of weight ``name``'s codec (a projection's ``(d, r)``): a traced codec's from the config (its state is only a key; the
     sizes may be the weight's own, ``VeloraConfig.overrides``), a projection's from its basis."""
     codec = for_weight(state.config, name)
     if codec.traced:
