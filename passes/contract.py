@@ -112,6 +112,7 @@ class PlannedSite:
     bytes_after: Optional[int] = None
     estimator: Optional[str] = None
     per_token: Optional[float] = None
+    settings: Optional[str] = None
 
     def render(self, graph: str, names: Sequence[str]) -> SiteRecord:
         """The public record, with ``names[k]`` the name of slot ``k`` in one model instance."""
@@ -128,4 +129,5 @@ class PlannedSite:
             bytes_after=self.bytes_after,
             estimator=self.estimator,
             per_token=self.per_token,
+            settings=self.settings,
         )

@@ -193,6 +193,7 @@ def plan(gm: fx.GraphModule, codec: Callable[[str], Estimator], excluded: Callab
             reason=text, sub_token_size=None if basis_shape is None or estimator.traced else basis_shape[0],
             estimator=None if reason else estimator.name,
             per_token=None if reason else estimator.per_token(site.features, basis_shape),
+            settings=None if reason else estimator.describe(basis_shape),
         )  # fmt: skip
         group = None if leader is None else id(site.x) if isinstance(site.x, fx.Node) else id(site)
         decisions.append(Decision(site, record, leader, None if group is None else hash((group, leader))))

@@ -306,9 +306,11 @@ def _records(sites: list[_Site], by_x, groups, spec: GraphSpec, codec: Codec) ->
                 reason = f"compressed; {names} read one input {how} (its bytes counted on the first)"
                 related = tuple(group)
         per_token = codec.per_token(shape[-1], slot.basis_shape) if compressed else None
+        settings = codec.describe(slot.basis_shape) if compressed else None
         sub_token = None if not compressed or codec.traced else slot.sub_token_size
         planned.append(PlannedSite(
             site.slot, site.node.name, COMPRESSED if compressed else SKIPPED, reason, related, shape,
             str(dtype).replace("torch.", ""), sub_token, before, after, codec.name if compressed else None, per_token,
+            settings,
         ))  # fmt: skip
     return planned

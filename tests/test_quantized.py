@@ -238,6 +238,13 @@ def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
     assert len(rep.compressed) == 12 and {r.estimator for r in rep.compressed} == {"quantized"}
     assert [r.per_token for r in rep.compressed] == [cfg.estimator_for(r.weight).bits_per_element for r in rep.compressed]
     assert {r.per_token for r in rep.compressed} == {2 + 32 / 16, 4 + 32 / 8, 1 + 32 / 16}
+    # each site's own settings, in the records and in the report's estimator line (the overrides show)
+    assert {r.weight: r.settings for r in rep.compressed if r.settings != "2 bits in groups of 16"} == {
+        **{f"layers.{i}.mlp.down_proj.weight": "4 bits in groups of 8, Hadamard-rotated" for i in (0, 1)},
+        **{f"layers.1.self_attn.{n}_proj.weight": "1 bit in groups of 16" for n in "kv"}}
+    (line,) = [t for t in " ".join(str(rep).split()).split("estimator ")[1:] if t.startswith("quantized:")]
+    assert line.startswith("quantized: 8 sites at 2 bits in groups of 16; ") and "; k = bits kept per element" in line
+    assert "; 2 sites at 4 bits in groups of 8, Hadamard-rotated;" in line and "; 2 sites at 1 bit in groups of 16;" in line
     projs, got = velora_fx.projections(model), grads(model)
     for r in rep.compressed:
         proj = projs[r.weight]
@@ -294,6 +301,8 @@ def test_fx_route_dw_is_the_formula_and_matches_the_backend():
     assert len(rep.compressed) == 7
     assert {r.weight: r.per_token for r in rep.compressed if r.per_token != 3 + 32 / 8} == {
         "k_proj.weight": 8 + 32 / 8, "down_proj.weight": 1 + 32 / 16}
+    assert {r.weight: r.settings for r in rep.compressed if r.settings != "3 bits in groups of 8"} == {
+        "k_proj.weight": "8 bits in groups of 8", "down_proj.weight": "1 bit in groups of 16, Hadamard-rotated"}
     assert [r.bytes_after > 0 for r in rep.compressed[:3]] == [True, True, False]  # q and v keep one record, k its own
     got, exact, projs = grads(gm), grads(eager), velora_fx.projections(gm)
     for r in rep.compressed:

@@ -158,3 +158,8 @@ class Estimator:
     def per_token(self, features: int, basis_shape) -> float:
         """Scalars kept per token, or bits per element for a codec that keeps codes: what the report prints."""
         raise NotImplementedError
+
+    def describe(self, basis_shape) -> Optional[str]:
+        """What the report says of a site's own settings beyond ``per_token`` (``None``: nothing), in words: the
+        report groups compressed sites by it, so that a per-weight override shows."""
+        return None

@@ -308,3 +308,8 @@ class QuantizedCodec(Estimator):
     def per_token(self, features: int, basis_shape) -> float:
         group_size, bits, _ = basis_shape
         return bits + 32 / group_size
+
+    def describe(self, basis_shape) -> str:
+        group_size, bits, rotated = basis_shape
+        rounding = "" if self.settings.rounding == "stochastic" else f", {self.settings.rounding} rounding"
+        return f"{bits} bit{'s' * (bits > 1)} in groups of {group_size}{', Hadamard-rotated' * rotated}{rounding}"

@@ -24,8 +24,10 @@ class SiteRecord:
     while the input's shape is not known yet (an FX-transformed module before
     its first forward). A compressed site also says which ``estimator`` keeps
     its input, in how many scalars ``per_token`` (the sub-token size ``d``
-    aside; the quantized estimator: bits per element), and at which training step its basis was last refreshed
-    (``last_refresh``; ``None``: not since this process started).
+    aside; the quantized estimator: bits per element), the site's own settings in words where its estimator has
+    any to say (``settings``: the quantized estimator's bits, group size and rotation, which a per-weight override
+    may change), and at which training step its basis was last refreshed (``last_refresh``; ``None``: not since
+    this process started).
     """
 
     graph: str
@@ -40,6 +42,7 @@ class SiteRecord:
     bytes_after: Optional[int] = None
     estimator: Optional[str] = None
     per_token: Optional[float] = None
+    settings: Optional[str] = None
     last_refresh: Optional[int] = None
 
     @property

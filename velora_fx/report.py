@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections import Counter
 from typing import Any, Iterable, Optional
 
 from . import fx, runtime
@@ -94,7 +95,8 @@ class Report(tuple):
         return "\n".join(out)
 
     def _estimators(self, width: int) -> list[str]:
-        """One line per estimator in use: which, and when the bases were last refreshed."""
+        """One line per estimator in use: which, how many sites at each of its settings (a per-weight override shows
+        as its own count), and when the bases were last refreshed."""
         out = []
         for name in dict.fromkeys(r.estimator for r in self.compressed if r.estimator):
             recs = [r for r in self.compressed if r.estimator == name]
@@ -102,7 +104,10 @@ class Report(tuple):
             when = f"; last refresh at step {max(refreshed)}" if refreshed else ""
             k = ("bits kept per element (its code and its share of the group's scales), relative to the input's "
                  "dtype" if name == "quantized" else "scalars kept per token")  # fmt: skip
-            out += textwrap.wrap(f"estimator {name}: {len(recs)} sites; k = {k}{when}", width)
+            counts = Counter(r.settings for r in recs)
+            at = "; ".join(f"{_sites(n)} at {s}" for s, n in counts.items() if s) if any(counts) else _sites(len(recs))
+            out += textwrap.wrap(f"estimator {name}: {at}; k = {k}{when}", width, subsequent_indent="    ",
+                                 break_on_hyphens=False)
         return out
 
     def __str__(self) -> str:
@@ -110,6 +115,10 @@ class Report(tuple):
 
     def __repr__(self) -> str:
         return f"Report({len(self)} sites: {len(self.compressed)} compressed, saved {fmt_bytes(self.bytes_saved)})"
+
+
+def _sites(n: int) -> str:
+    return f"{n} site{'s' * (n != 1)}"
 
 
 def _ellipsize(text: str, width: int) -> str:
