@@ -79,9 +79,12 @@ def test_pack_and_unpack_are_inverse(rows, bits, seed):
     packed = q._pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, 64 * bits // 8)
     assert torch.equal(q._unpack(packed, bits), codes)
-    word = sum(int(c) << (bits * j) for j, c in enumerate(codes[0, :8].tolist()))  # code j at bit bits·j
-    expected = [(word >> (8 * k)) & 0xFF for k in range(bits)] if bits < 8 else codes[0, :8].tolist()
-    assert packed[0, :bits].tolist() == expected  # low byte first
+    # the layout _pack documents: 8 planes of 8 codes; word i holds code i of plane k at bit bits·k, stored as
+    # `bits` byte planes of 8 bytes, low byte first (bits = 8: the codes themselves)
+    i = int(torch.randint(0, 8, (1,), generator=g))
+    word = sum(int(codes[0, 8 * k + i]) << (bits * k) for k in range(8))
+    expected = [(word >> (8 * j)) & 0xFF for j in range(bits)] if bits < 8 else codes[0, i::8].tolist()
+    assert packed[0, i::8].tolist() == expected
 
 
 @pytest.mark.parametrize("bits, rotated", [(1, False), (2, False), (4, False), (1, True), (2, True)])
