@@ -75,7 +75,7 @@ def test_codes_are_packed_and_within_one_step(data, bits, stochastic):
 @given(st.integers(1, 200), st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2**20))
 def test_pack_and_unpack_are_inverse(rows, bits, seed):
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (rows, 64), generator=g)
+    codes = torch.randint(0, 2**bits, (rows, 64), generator=g, dtype=torch.int32)  # encode's codes are int32
     packed = q._pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, 64 * bits // 8)
     assert torch.equal(q._unpack(packed, bits), codes)

@@ -217,16 +217,16 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of ``_pack``: ``(N, M)`` int64 codes."""
+    """The inverse of ``_pack``: ``(N, M)`` int32 codes."""
     if bits == 8:
-        return packed.to(torch.int64)
+        return packed.to(torch.int32)
     m = packed.shape[-1] * 8 // bits
     b = packed.to(torch.int32).view(-1, bits, m // 8)
     codes = [None] * 8
     for k, j, s in _fields(bits):
         piece = _shift(b[:, j], -s)
         codes[k] = piece if codes[k] is None else codes[k] | piece
-    return (torch.stack(codes, dim=1) & (2**bits - 1)).to(torch.int64).view(-1, m)
+    return (torch.stack(codes, dim=1) & (2**bits - 1)).view(-1, m)
 
 
 def join(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
