@@ -7,10 +7,10 @@ Each function is compiled alone (``torch.compile``, Inductor) and timed by inter
 
 * ``matmul``: ``x @ W`` with ``W`` of ``D × out_features``, the forward matmul of the linear whose input this is
   (its ``dW`` in backward is a matmul of the same size);
-* ``encode``: ``quantized.join(*quantized.encode(x, ...))``, the forward's quantize and pack (stochastic rounding);
+* ``encode``: ``quantized.encode_record(x, ...)``, the forward's quantize and pack (stochastic rounding);
 * ``encode-nearest``: the same without the hash's uniforms;
 * ``uniforms``: the counter hash alone, one uniform per element;
-* ``decode``: ``split`` then ``decode``, what backward runs before its ``dW`` matmul.
+* ``decode``: ``quantized.decode_record``, what backward runs before its ``dW`` matmul.
 
 Prints microseconds and each as a fraction of ``matmul``.
 """
@@ -45,13 +45,13 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'bits':>4}{'function':>16}{'us':>10}{'/ matmul':>10}")
     for bits in (int(b) for b in args.bits.split(",")):
-        record = q.join(*q.encode(x, key, bits, g, True))
+        record = q.encode_record(x, key, bits, g, True)
         fns = {
             "matmul": (torch.compile(torch.matmul), (x, w)),
-            "encode": (torch.compile(lambda x, k: q.join(*q.encode(x, k, bits, g, True))), (x, key)),
-            "encode-nearest": (torch.compile(lambda x, k: q.join(*q.encode(x, k, bits, g, False))), (x, key)),
+            "encode": (torch.compile(lambda x, k: q.encode_record(x, k, bits, g, True)), (x, key)),
+            "encode-nearest": (torch.compile(lambda x, k: q.encode_record(x, k, bits, g, False)), (x, key)),
             "uniforms": (torch.compile(q.uniforms), (key, x)),
-            "decode": (torch.compile(lambda r: q.decode(*q.split(r, bits, g, d), bits, g, d, torch.float32)), (record,)),
+            "decode": (torch.compile(lambda r: q.decode_record(r, bits, g, d, torch.float32)), (record,)),
         }  # fmt: skip
 
         def timed(fn, a):

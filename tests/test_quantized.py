@@ -62,6 +62,9 @@ def test_codes_are_packed_and_within_one_step(data, bits, stochastic):
     codes_back, scales_back = q.split(record, bits, group, x.shape[-1])
     assert torch.equal(codes_back, codes) and torch.equal(scales_back.view(torch.int16), scales.view(torch.int16))
     x_hat = q.decode(codes, scales, bits, group, x.shape[-1], torch.float64)
+    # what the codec runs (no bfloat16 tensors in between) is the same record and the same x̂, bit for bit
+    assert torch.equal(q.encode_record(x, key, bits, group, stochastic), record)
+    assert torch.equal(q.decode_record(record, bits, group, x.shape[-1], torch.float64), x_hat)
     step = scales[..., 1].double().repeat_interleave(group, dim=1)[:, : x.shape[-1]]
     err = (x_hat - x.double()).abs()
     bound = step if stochastic else step / 2

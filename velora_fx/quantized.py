@@ -62,7 +62,8 @@ import torch
 from .codec import Estimator
 from .ops import seed_for
 
-__all__ = ["QuantizedCodec", "encode", "decode", "join", "split", "uniforms", "rotation", "key_for", "kept_bytes", "KEY_BITS"]
+__all__ = ["QuantizedCodec", "encode", "decode", "join", "split", "encode_record", "decode_record", "uniforms", "rotation",
+           "key_for", "kept_bytes", "KEY_BITS"]
 
 #: the state input holds the step's key as an integer below ``2**KEY_BITS`` in a float32 (exact)
 KEY_BITS = 24
@@ -84,10 +85,12 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``U[0, 1)`` float32 numbers, one per element of ``rows`` (any shape), from ``key`` (a float32 tensor of
     shape ``(1,)`` holding an integer below ``2**KEY_BITS``) and each element's flat index."""
-    index = torch.arange(rows.numel(), device=rows.device, dtype=torch.int64).view(rows.shape)
+    numel = rows.numel()
+    index = torch.arange(numel, device=rows.device, dtype=torch.int64).view(rows.shape)
     k = key.to(torch.int64) * 0x9E3779B1  # < 2^56
-    h = _mix32((index & _M32) ^ (k & _M32) ^ (((index >> 32) * 0x632BE5AB) & _M32))
-    return (h >> 8).to(torch.float32) * 2.0**-24
+    h = index ^ (k & _M32) if isinstance(numel, int) and numel <= _M32 else (  # no index has high bits: they xor 0
+        (index & _M32) ^ (k & _M32) ^ (((index >> 32) * 0x632BE5AB) & _M32))  # fmt: skip
+    return (_mix32(h) >> 8).to(torch.float32) * 2.0**-24
 
 
 def _signs(key: torch.Tensor, count: int) -> torch.Tensor:
@@ -138,6 +141,13 @@ def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stoch
         >>> codes.shape, codes.dtype, scales.shape
         (torch.Size([4, 16]), torch.uint8, torch.Size([4, 2, 2]))
     """
+    codes, lo, step = _quantize(x, key, bits, group_size, stochastic, rotated)
+    return codes, torch.stack([lo, step], dim=-1).to(torch.bfloat16)  # exact: already bfloat16 values
+
+
+def _quantize(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stochastic: bool,
+              rotated: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``encode``, with ``lo`` and ``s`` as float32 tensors of shape ``(N, ceil(D / G))`` holding bfloat16 values."""
     features = x.shape[-1]
     n = _groups(features, group_size)
     z = x.reshape(-1, features).float()
@@ -154,7 +164,7 @@ def encode(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stoch
     t = (z - lo.unsqueeze(-1)) * inverse.unsqueeze(-1)
     u = uniforms(key, t) if stochastic else 0.5
     codes = torch.floor(t + u).clamp(0, levels).to(torch.int32).view(-1, n * group_size)
-    return _pack(codes, bits), torch.stack([lo, step], dim=-1).to(torch.bfloat16)  # exact: already bfloat16 values
+    return _pack(codes, bits), lo, step
 
 
 def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
@@ -172,9 +182,15 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
            dtype: torch.dtype, key: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
     """``x̂`` of shape ``(N, features)`` in ``dtype`` from ``encode``'s output; ``key``: the one ``encode`` was
     given, when it rotated (``rotated=True``), else ``None``."""
-    n = scales.shape[-2]
-    c = _unpack(codes, bits).view(-1, n, group_size).to(torch.float32)
     lo, step = scales.float().unbind(-1)
+    return _dequantize(codes, lo, step, bits, group_size, features, dtype, key)
+
+
+def _dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, group_size: int, features: int,
+                dtype: torch.dtype, key: Optional[torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``decode``, from float32 ``lo`` and ``s`` of shape ``(N, ceil(D / G))``."""
+    n = lo.shape[-1]
+    c = _unpack(codes, bits).view(-1, n, group_size).to(torch.float32)
     x_hat = c * step.unsqueeze(-1) + lo.unsqueeze(-1)
     if key is not None:
         x_hat = _rotate(x_hat, rotation(key, group_size).t()) * (1.0 / group_size)  # (S H)⁻¹ = (S H)ᵀ / G: exact scale
@@ -193,7 +209,7 @@ def _fields(bits: int):
 
 
 def _shift(v: torch.Tensor, s: int) -> torch.Tensor:
-    return v << s if s >= 0 else v >> -s
+    return v if s == 0 else v << s if s > 0 else v >> -s
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -213,7 +229,10 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     for k, j, s in _fields(bits):
         piece = _shift(c[:, k], s)
         out[j] = piece if out[j] is None else out[j] | piece
-    return (torch.stack(out, dim=1) & 0xFF).to(torch.uint8).view(-1, m * bits // 8)
+    planes = torch.stack(out, dim=1)
+    if 8 % bits:  # a code straddles two bytes (3 bits): drop what was shifted past its byte
+        planes = planes & 0xFF
+    return planes.to(torch.uint8).view(-1, m * bits // 8)
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -230,25 +249,56 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def join(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``encode``'s two tensors as one uint8 record per token: the codes, then the scales' bytes (little-endian).
+    """``encode``'s two tensors as one uint8 record per token: the codes, then each group's ``lo`` and ``s`` as
+    bfloat16 bytes (little-endian).
 
     What the compiled graph keeps. Kept apart, the scales are read back in backward with ``.float()``, and the
     min-cut partitioner, which counts a bfloat16 tensor that only a cheap upcast reads as twice its size, keeps
     the float32 upcast instead: twice the scales' bytes. One record leaves it no such cut: the codes must be kept
     anyway, and any tensor computed from the record only adds bytes."""
-    half = scales.view(torch.int16).to(torch.int32) & 0xFFFF
-    scale_bytes = torch.stack([half & 0xFF, half >> 8], dim=-1).to(torch.uint8)
+    lo, step = scales.float().unbind(-1)
+    return _record(codes, lo, step)
+
+
+def _record(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``join`` from float32 ``lo`` and ``s`` holding bfloat16 values: a bfloat16's bits are the high half of its
+    float32's, so the bytes come from int32 shifts (which Inductor vectorizes; a bfloat16 bitcast it does not)."""
+    parts = []
+    for v in (lo, step):
+        b = v.view(torch.int32)
+        parts += [(b >> 16) & 0xFF, (b >> 24) & 0xFF]
+    scale_bytes = torch.stack(parts, dim=-1).to(torch.uint8)  # (N, groups, 4): lo's two bytes, then s's
     return torch.cat([codes, scale_bytes.view(codes.shape[0], -1)], dim=-1)
 
 
 def split(record: torch.Tensor, bits: int, group_size: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``join``: ``(codes, scales)`` as ``encode`` returned them."""
+    codes, lo, step = _unrecord(record, bits, group_size, features)
+    return codes, torch.stack([lo, step], dim=-1).to(torch.bfloat16)  # exact: bfloat16 values
+
+
+def _unrecord(record: torch.Tensor, bits: int, group_size: int,
+              features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``split``, with ``lo`` and ``s`` as float32 of shape ``(N, ceil(D / G))``: each bfloat16's two bytes shifted
+    to the high half of a float32's bits (exactly its value)."""
     n = _groups(features, group_size)
     width = n * group_size * bits // 8
     b = record[:, width:].to(torch.int32).view(-1, n, 2, 2)
-    half = b[..., 0] | (b[..., 1] << 8)  # the 16 bits, in [0, 2^16)
-    signed = half - ((half & 0x8000) << 1)  # as int16 holds them: no out-of-range conversion in generated C++
-    return record[:, :width], signed.to(torch.int16).view(torch.bfloat16)
+    f = ((b[..., 0] << 16) | (b[..., 1] << 24)).view(torch.float32)  # (N, groups, 2)
+    return record[:, :width], f[..., 0], f[..., 1]
+
+
+def encode_record(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, stochastic: bool,
+                  rotated: bool = False) -> torch.Tensor:  # fmt: skip
+    """``join(*encode(...))`` without the bfloat16 tensors in between: what the codec runs in forward."""
+    return _record(*_quantize(x, key, bits, group_size, stochastic, rotated))
+
+
+def decode_record(record: torch.Tensor, bits: int, group_size: int, features: int, dtype: torch.dtype,
+                  key: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """``decode(*split(...))`` without the bfloat16 tensors in between: what the codec runs in backward."""
+    codes, lo, step = _unrecord(record, bits, group_size, features)
+    return _dequantize(codes, lo, step, bits, group_size, features, dtype, key)
 
 
 def key_for(seed: int, name: str, step: int) -> torch.Tensor:
@@ -310,13 +360,12 @@ class QuantizedCodec(Estimator):
 
     def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
         group_size, bits, rotated = basis_shape
-        return (join(*encode(x, state, bits, group_size, self.settings.rounding == "stochastic", rotated)),)
+        return (encode_record(x, state, bits, group_size, self.settings.rounding == "stochastic", rotated),)
 
     def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
         group_size, bits, rotated = basis_shape
-        codes, scales = split(saved[0], bits, group_size, features)
-        return decode(codes, scales, bits, group_size, features, dtype, state if rotated else None)
+        return decode_record(saved[0], bits, group_size, features, dtype, state if rotated else None)
 
     def kept_bytes(self, shape, dtype, basis_shape) -> int:
         group_size, bits, rotated = basis_shape
