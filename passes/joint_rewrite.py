@@ -91,6 +91,7 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, op
             if b not in first_site_of or order[first] < order[first_site_of[b]]:
                 first_site_of[b] = first
         kept: dict[torch.fx.Node, tuple[torch.fx.Node, ...]] = {}  # state -> what the codec keeps: shared with it
+        readers: dict[torch.fx.Node, list] = {}  # state -> (consumer, chain, slot) of every weight gradient of it
         for k, (fw_sites, consumers) in group.items():
             slot = spec.slots[k]
             state = direction.get(slot.basis_primal) if slot.refreshed else inputs[slot.basis_primal]
@@ -99,11 +100,16 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, op
             if state not in kept:
                 first = first_site_of[slot.basis_primal]
                 kept[state] = codec.emit_encode(GraphWriter(graph, first, "project"), x, state, slot.basis_shape)
-            saved = kept[state]
             for site in fw_sites:
                 site.meta[META_KEY] = {"site": k}
-            x_hat = None  # rebuilt only for weight gradients the codec does not form itself
-            for consumer, chain in sorted(consumers, key=lambda c: order[c[0]]):
+            readers.setdefault(state, []).extend((consumer, chain, k) for consumer, chain in consumers)
+        for state, consumers in readers.items():
+            saved = kept[state]
+            # x̂, rebuilt only for weight gradients the codec does not form itself: once per state and size (the
+            # weights of one input share it), before the first of them in the graph
+            x_hat: dict[object, torch.fx.Node] = {}
+            for consumer, chain, k in sorted(consumers, key=lambda c: order[c[0]]):
+                slot = spec.slots[k]
                 reads = chain[-1] if chain else x
                 dw = _weight_grad(graph, codec, consumer, reads, chain, x, saved, state, slot.basis_shape, options.scale)
                 if dw is not None:
@@ -112,9 +118,9 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, op
                     graph.erase_node(consumer)
                 else:
                     w = GraphWriter(graph, consumer, "reconstruct")
-                    if x_hat is None:
-                        x_hat = codec.emit_decode(w, x, saved, state, slot.basis_shape, options.scale)
-                    y = x_hat
+                    if slot.basis_shape not in x_hat:
+                        x_hat[slot.basis_shape] = codec.emit_decode(w, x, saved, state, slot.basis_shape, options.scale)
+                    y = x_hat[slot.basis_shape]
                     for view in chain:
                         y = w(view.target, y, *view.args[1:], **view.kwargs)
                     consumer.replace_input_with(reads, y)
@@ -122,7 +128,7 @@ def apply_joint_plan(graph: torch.fx.Graph, plan: JointPlan, spec: GraphSpec, op
                 for dead in reversed(chain):
                     if not dead.users:
                         graph.erase_node(dead)
-            changed = True
+        changed = changed or bool(group)
     if changed:
         graph.lint()
     return changed
