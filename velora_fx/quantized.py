@@ -284,7 +284,9 @@ def _unrecord(record: torch.Tensor, bits: int, group_size: int,
     n = _groups(features, group_size)
     width = n * group_size * bits // 8
     b = record[:, width:].to(torch.int32).view(-1, n, 2, 2)
-    f = ((b[..., 0] << 16) | (b[..., 1] << 24)).view(torch.float32)  # (N, groups, 2)
+    # (N, groups, 2); a high byte of 128 or more shifts into the sign bit: torch and Inductor's C++ shift int32 as
+    # unsigned, Triton wraps, so the bits are the bfloat16's on every backend
+    f = ((b[..., 0] << 16) | (b[..., 1] << 24)).view(torch.float32)
     return record[:, :width], f[..., 0], f[..., 1]
 
 
