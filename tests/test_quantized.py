@@ -59,6 +59,11 @@ def test_codes_are_packed_and_within_one_step(data, bits, stochastic):
     assert codes.numel() + 2 * scales.numel() == q.kept_bytes(x.shape, bits, group)
     record = q.join(codes, scales)  # what the compiled graph keeps
     assert record.dtype == torch.uint8 and record.numel() == q.kept_bytes(x.shape, bits, group)
+    # the documented layout: the codes, then each group's lo and s as little-endian bfloat16 bytes
+    assert torch.equal(record[:, : codes.shape[1]], codes)
+    halves = scales.view(torch.int16).int()
+    scale_bytes = torch.stack([halves & 0xFF, (halves >> 8) & 0xFF], dim=-1).to(torch.uint8).view(x.shape[0], -1)
+    assert torch.equal(record[:, codes.shape[1] :], scale_bytes)
     codes_back, scales_back = q.split(record, bits, group, x.shape[-1])
     assert torch.equal(codes_back, codes) and torch.equal(scales_back.view(torch.int16), scales.view(torch.int16))
     x_hat = q.decode(codes, scales, bits, group, x.shape[-1], torch.float64)

@@ -88,8 +88,10 @@ def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     numel = rows.numel()
     index = torch.arange(numel, device=rows.device, dtype=torch.int64).view(rows.shape)
     k = key.to(torch.int64) * 0x9E3779B1  # < 2^56
-    h = index ^ (k & _M32) if isinstance(numel, int) and numel <= _M32 else (  # no index has high bits: they xor 0
-        (index & _M32) ^ (k & _M32) ^ (((index >> 32) * 0x632BE5AB) & _M32))  # fmt: skip
+    if isinstance(numel, int) and numel <= _M32:  # every index fits in 32 bits: its high part would xor 0
+        h = index ^ (k & _M32)
+    else:
+        h = (index & _M32) ^ (k & _M32) ^ (((index >> 32) * 0x632BE5AB) & _M32)
     return (_mix32(h) >> 8).to(torch.float32) * 2.0**-24
 
 
