@@ -95,6 +95,27 @@ def test_pack_and_unpack_are_inverse(rows, bits, seed):
     assert packed[0, i::8].tolist() == expected
 
 
+@pytest.mark.parametrize("bits, features", [(1, 88), (3, 96)])
+def test_compiled_codec_is_the_eager_codec_byte_for_byte(bits, features):
+    """Inductor's code for the codec, both roundings, where the groups of 32 do not tile the 8 planes (3 groups;
+    88 features are padded to 96): the same record and the same x̂ as eager, bit for bit. The
+    nearest-rounded codes go through ``_in_buffer``, which Inductor lowers to a buffer of its own (a copy in eager:
+    values, dtype and shape unchanged, its own storage)."""
+    from torch._inductor.lowering import lowerings
+
+    assert torch.ops.velora_fx.in_buffer.default in lowerings
+    c = torch.arange(12, dtype=torch.uint8).view(3, 4)
+    kept = q._in_buffer(c)
+    assert torch.equal(kept, c) and kept.dtype == c.dtype and kept.data_ptr() != c.data_ptr()
+    x, key = torch.randn(64, features, generator=torch.Generator().manual_seed(bits)) * 3 - 1, q.key_for(0, "w", 5)
+    decode = torch.compile(lambda r: q.decode_record(r, bits, 32, features, torch.float32), fullgraph=True)
+    for stochastic in (True, False):
+        record = q.encode_record(x, key, bits, 32, stochastic)
+        encode = torch.compile(lambda x, k: q.encode_record(x, k, bits, 32, stochastic), fullgraph=True)
+        assert torch.equal(encode(x, key), record)
+        assert torch.equal(decode(record), q.decode_record(record, bits, 32, features, torch.float32))
+
+
 @pytest.mark.parametrize("bits, rotated", [(1, False), (2, False), (4, False), (1, True), (2, True)])
 def test_stochastic_rounding_is_unbiased_and_nearest_is_not(bits, rotated):
     """Averaged over ``M`` steps (keys), stochastic rounding's error shrinks like ``1/√M``, rotated or not;

@@ -47,6 +47,7 @@ __all__ = [
     "is_tangent",
     "c_linear",
     "trace_into",
+    "lower_as_buffer",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -57,6 +58,20 @@ def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_p
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
     return _compile_fx(gm, example_inputs, config_patches=config_patches or None)
+
+
+def lower_as_buffer(op: Any) -> None:
+    """Have Inductor lower ``op``, an identity custom op of one tensor, by *realizing* its input: computed once
+    into a buffer of its own that the kernels reading it load, rather than inlined into each of them (Inductor's
+    choice for a cheap pointwise value, made by op count)."""
+    from torch._inductor.lowering import lowerings, register_lowering
+
+    def realized(x):
+        x.realize()
+        return x
+
+    if op not in lowerings:
+        register_lowering(op, type_promotion_kind=None)(realized)
 
 
 @contextlib.contextmanager
