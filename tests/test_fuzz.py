@@ -19,7 +19,8 @@ Profiles: ``VELORA_FX_FUZZ_EXAMPLES`` sets the number of drawn examples (CI: 8; 
 ``FOUND``, run by ``tests/test_fuzz_found.py``);
 ``VELORA_FX_FUZZ_EXAMPLES=1000`` is the on-demand run (README.md gives the command and what it found); with
 ``VELORA_FX_FUZZ_SEED=k`` a process draws its own stream, so that a long run can be split across cores. The
-quantized estimator is drawn at 1, 2 and 4 bits, rotated or not (``Quantized(rotation="hadamard")``); under bf16 autocast its
+quantized estimator is drawn at 1, 2 and 4 bits, rotated or not (``Quantized(rotation="hadamard")``), rounded stochastically
+or to nearest (``Quantized(rounding="nearest")``, the README's setting at parity); under bf16 autocast its
 ``dW`` is compared up to a few code flips, counted per input feature (rotated: per rotated coordinate).
 """
 
@@ -91,7 +92,7 @@ class ArchSpec:
     autocast: bool
     dynamic: bool
     prepared: bool
-    quant: Optional[tuple] = None  # (bits, group_size[, rotation]) of the quantized estimator; None: VeLoRA
+    quant: Optional[tuple] = None  # (bits, group_size[, "hadamard"][, "nearest"]) of the quantized estimator; None: VeLoRA
     sequential: bool = False  # the blocks in an nn.Sequential (prepare must leave it as it was) or a ModuleList
 
 
@@ -142,7 +143,8 @@ def arch_specs(draw) -> ArchSpec:
             blocks.append(BlockSpec("attn", lins, residual=draw(st.booleans()), heads=heads, causal=draw(st.booleans())))
     return ArchSpec(dim, lead, tuple(blocks), groups, draw(st.sampled_from([1.0, 0.5])), draw(st.integers(0, 3)) == 0,
                     draw(st.integers(0, 3)) == 0, draw(st.booleans()),
-                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8), (2, 8, "hadamard"), (1, 16, "hadamard")])),
+                    draw(st.sampled_from([None, None, None, (2, 8), (4, 16), (1, 8), (2, 8, "hadamard"), (1, 16, "hadamard"),
+                                          (4, 16, "nearest"), (2, 8, "nearest")])),
                     draw(st.booleans()))  # fmt: skip
 
 
@@ -314,8 +316,8 @@ def _close_quantized_bf16(got, want, what, drift, kind: str, quant: tuple, key: 
     diff = got - want
     columns = want.shape[-1]
     few_columns = max(2, int(0.02 * columns))
-    bits, group, *rotation = quant
-    if rotation == ["hadamard"]:
+    bits, group, *flags = quant
+    if "hadamard" in flags:
         n = -(-columns // group)
         r = quantized.rotation(key, group).double()
         rotated = F.pad(diff, (0, n * group - columns)).view(-1, n, group) @ r  # rows x groups x coordinates
@@ -340,8 +342,9 @@ def _features_last(w: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _quantized(quant: tuple) -> Quantized:
-    bits, group, *rotation = quant
-    return Quantized(bits=bits, group_size=group, rotation=rotation[0] if rotation else "none")
+    bits, group, *flags = quant
+    return Quantized(bits=bits, group_size=group, rotation="hadamard" if "hadamard" in flags else "none",
+                     rounding="nearest" if "nearest" in flags else "stochastic")
 
 
 def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autocast: bool,
@@ -355,10 +358,10 @@ def _velora_dw(lin: Lin, taps: list[dict], v: torch.Tensor, scale: float, autoca
         if autocast:
             x = tap["x"].to(torch.bfloat16).double()  # autocast runs the matmul on bf16 inputs
         if squeezed and quant is not None:
-            bits, group, *rotation = quant
-            rotated = rotation == ["hadamard"]
+            bits, group, *flags = quant
+            rotated = "hadamard" in flags
             x2 = x.reshape(-1, x.shape[-1]).float()
-            codes, scales = quantized.encode(x2, v, bits, group, True, rotated)
+            codes, scales = quantized.encode(x2, v, bits, group, "nearest" not in flags, rotated)
             x_hat = quantized.decode(codes, scales, bits, group, x.shape[-1], torch.float64, v if rotated else None)
             x = scale * x_hat.reshape(x.shape)
         elif squeezed:
