@@ -104,8 +104,13 @@ def test_a_new_estimator_trains_on_both_routes(registered, route):
     # fc1 reads the model's input, exact on both routes: its dW is gᵀ bf16(x) (fc2's input is a tanh, whose last
     # bit Inductor may round otherwise than eager, which can flip its bfloat16 rounding)
     want = pre.grad.reshape(-1, 64).t() @ x.reshape(-1, 32).to(torch.bfloat16).float()
+    if route == "compile" and not velora_fx.report(model).graphs[-1].projection_bytes:
+        # torch 2.11's partitioner keeps the graph's input itself (the caller holds it anyway: no byte more) and
+        # recomputes this codec's one op, a cast, in backward, where Inductor folds the round trip: dW is exact
+        want = reference.fc1.weight.grad
     torch.testing.assert_close(params["fc1.weight"].grad, want, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(params["fc1.weight"].grad, reference.fc1.weight.grad, rtol=1e-5, atol=1e-6)  # not exact
+    if want is not reference.fc1.weight.grad:
+        assert not torch.allclose(params["fc1.weight"].grad, reference.fc1.weight.grad, rtol=1e-5, atol=1e-6)
     for name in ("fc1.bias", "fc2.bias"):  # db exact
         torch.testing.assert_close(params[name].grad, dict(reference.named_parameters())[name].grad)
     rep = velora_fx.report(model)
