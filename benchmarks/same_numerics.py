@@ -30,6 +30,7 @@ CONFIGS = {
     "principal": VeloraConfig(estimator="principal", rank=8, refresh_every=2),
     "principal_random": VeloraConfig(estimator="principal_random", rank=8, random_rank=4, refresh_every=2),
     "quant2": VeloraConfig(estimator=Quantized(bits=2)),
+    "quant3_nearest": VeloraConfig(estimator=Quantized(bits=3, rounding="nearest")),
 }
 
 
