@@ -26,6 +26,7 @@ METHODS = {
     "velora": velora_fx.VeloraConfig(),
     **{f"quant{b}": velora_fx.VeloraConfig(estimator=velora_fx.Quantized(bits=b)) for b in (1, 2, 3, 4, 8)},
     "quant2h": velora_fx.VeloraConfig(estimator=velora_fx.Quantized(bits=2, rotation="hadamard")),  # every input rotated
+    **{f"quant{b}n": velora_fx.VeloraConfig(estimator=velora_fx.Quantized(bits=b, rounding="nearest")) for b in (2, 4)},
 }
 
 
