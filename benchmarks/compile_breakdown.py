@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import importlib
 import json
 import os
 import pathlib
@@ -54,9 +55,6 @@ def _wrap(owner, name: str, record) -> None:
 
 def measure(which: str, args) -> dict:
     """One cold first step of ``which`` in this process, broken down."""
-    import importlib
-
-    import torch  # noqa: F401
     from torch._inductor import metrics
     from torch._inductor.codegen import cpp
 

@@ -249,7 +249,8 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8)
     m = codes.shape[-1]
     c = codes.to(torch.int32).view(-1, 8, m // 8)
-    planes = torch.stack([_or_fields(c, bits, j, into_byte=True) for j in range(bits)], dim=1)
+    byte_planes = [_or_all([_shift(c[:, k], s) for k, j, s in _fields(bits) if j == byte]) for byte in range(bits)]
+    planes = torch.stack(byte_planes, dim=1)
     if 8 % bits:  # a code straddles two bytes (3 bits): drop what was shifted past its byte
         planes = planes & 0xFF
     return planes.to(torch.uint8).view(-1, m * bits // 8)
@@ -261,20 +262,17 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed.to(torch.int32)
     m = packed.shape[-1] * 8 // bits
     b = packed.to(torch.int32).view(-1, bits, m // 8)
-    codes = torch.stack([_or_fields(b, bits, k, into_byte=False) for k in range(8)], dim=1)
-    return (codes & (2**bits - 1)).view(-1, m)
+    codes = [_or_all([_shift(b[:, j], -s) for k, j, s in _fields(bits) if k == code]) for code in range(8)]
+    return (torch.stack(codes, dim=1) & (2**bits - 1)).view(-1, m)
 
 
-def _or_fields(planes: torch.Tensor, bits: int, index: int, into_byte: bool) -> torch.Tensor:
-    """Byte ``index`` of a packed word or-ed from its codes' planes (``into_byte``), or code ``index`` or-ed from
-    its bytes' planes, each shifted into place (``_fields``). One output at a time, not assigned into a list: so
-    that ``torch.compile`` traces the codec whole on every supported torch (2.11's Dynamo does not trace
-    ``list.__setitem__``)."""
-    out = None
-    for k, j, s in _fields(bits):
-        if (j if into_byte else k) == index:
-            piece = _shift(planes[:, k], s) if into_byte else _shift(planes[:, j], -s)
-            out = piece if out is None else out | piece
+def _or_all(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The bitwise or of ``pieces``, in order. Each byte (code) is built at once from its own list, not assigned into
+    a list of outputs: so that ``torch.compile`` traces the codec whole on every supported torch (2.11's Dynamo does
+    not trace ``list.__setitem__``)."""
+    out = pieces[0]
+    for piece in pieces[1:]:
+        out = out | piece
     return out
 
 
