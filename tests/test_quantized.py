@@ -95,10 +95,10 @@ def test_pack_and_unpack_are_inverse(rows, bits, seed):
     assert packed[0, i::8].tolist() == expected
 
 
-@pytest.mark.parametrize("bits, features", [(1, 88), (3, 96)])
-def test_compiled_codec_is_the_eager_codec_byte_for_byte(bits, features):
+@pytest.mark.parametrize("bits, features, rotated", [(1, 88, False), (3, 96, False), (2, 64, True)])
+def test_compiled_codec_is_the_eager_codec_byte_for_byte(bits, features, rotated):
     """Inductor's code for the codec, both roundings, where the groups of 32 do not tile the 8 planes (3 groups;
-    88 features are padded to 96): the same record and the same x̂ as eager, bit for bit. The
+    88 features are padded to 96), and rotated: the same record and the same x̂ as eager, bit for bit. The
     nearest-rounded codes go through ``_in_buffer``, which Inductor lowers to a buffer of its own (a copy in eager:
     values, dtype and shape unchanged, its own storage)."""
     from torch._inductor.lowering import lowerings
@@ -108,12 +108,58 @@ def test_compiled_codec_is_the_eager_codec_byte_for_byte(bits, features):
     kept = q._in_buffer(c)
     assert torch.equal(kept, c) and kept.dtype == c.dtype and kept.data_ptr() != c.data_ptr()
     x, key = torch.randn(64, features, generator=torch.Generator().manual_seed(bits)) * 3 - 1, q.key_for(0, "w", 5)
-    decode = torch.compile(lambda r: q.decode_record(r, bits, 32, features, torch.float32), fullgraph=True)
+    state = key if rotated else None
+    decode = torch.compile(lambda r: q.decode_record(r, bits, 32, features, torch.float32, state), fullgraph=True)
     for stochastic in (True, False):
-        record = q.encode_record(x, key, bits, 32, stochastic)
-        encode = torch.compile(lambda x, k: q.encode_record(x, k, bits, 32, stochastic), fullgraph=True)
+        record = q.encode_record(x, key, bits, 32, stochastic, rotated)
+        encode = torch.compile(lambda x, k: q.encode_record(x, k, bits, 32, stochastic, rotated), fullgraph=True)
         assert torch.equal(encode(x, key), record)
-        assert torch.equal(decode(record), q.decode_record(record, bits, 32, features, torch.float32))
+        assert torch.equal(decode(record), q.decode_record(record, bits, 32, features, torch.float32, state))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & _M32
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & _M32
+    return h ^ (h >> 16)
+
+
+def test_the_keyed_hashes_are_the_documented_integers_in_eager_and_compiled():
+    """The uniforms' and the rotation's integers, against a plain-Python transcription of the hash (lowbias32 over
+    the flat index xor the scrambled key; an index's high half folded in from ``2**32`` on), in eager, in Inductor's
+    kernel (``_torch_internals.lower_indexed``: the hash as one op of the graph) with static and with dynamic
+    shapes (whose code takes the wide form), and from indices past ``2**32``."""
+    from torch._inductor.lowering import lowerings
+
+    assert torch.ops.velora_fx.keyed_bits.default in lowerings
+    key = q.key_for(1, "w", 7)
+    k = (int(key) * 0x9E3779B1) & _M32
+
+    def expected(index: int) -> float:
+        h = (index & _M32) ^ k ^ (((index >> 32) * 0x632BE5AB) & _M32)
+        return (_lowbias32(h) >> 8) * 2.0**-24
+
+    rows = torch.empty(37, 11)
+    u = q.uniforms(key, rows)
+    assert u.flatten().tolist() == [expected(i) for i in range(rows.numel())]
+    wide = torch.tensor([0, 5, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3])
+    hashed = q._uniform_hash(wide, torch.tensor(int(key)), True)
+    assert [h * 2.0**-24 for h in hashed.tolist()] == [expected(i) for i in wide.tolist()]
+    assert torch.equal(hashed[:3], q._uniform_hash(wide[:3], torch.tensor(int(key)), False))  # below 2^32: alike
+    for dynamic in (False, True):
+        compiled = torch.compile(q.uniforms, dynamic=dynamic, fullgraph=True)
+        for shape in ((37, 11), (3, 5, 8)):
+            assert torch.equal(compiled(key, torch.empty(shape)), q.uniforms(key, torch.empty(shape)))
+    group = 16
+    r = q.rotation(key, group)
+    signs = [1 - 2 * (_lowbias32(_lowbias32(i ^ k) ^ 0x5BD1E995) & 1) for i in range(group)]
+    parity = [[bin(i & j).count("1") % 2 for j in range(group)] for i in range(group)]
+    assert r.tolist() == [[float(signs[i] * (1 - 2 * parity[i][j])) for j in range(group)] for i in range(group)]
+    assert torch.equal(torch.compile(q.rotation, fullgraph=True)(key, group), r)
 
 
 @pytest.mark.parametrize("bits, rotated", [(1, False), (2, False), (4, False), (1, True), (2, True)])

@@ -48,6 +48,7 @@ __all__ = [
     "c_linear",
     "trace_into",
     "lower_as_buffer",
+    "lower_indexed",
 ]
 
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files  # noqa: E402
@@ -72,6 +73,73 @@ def lower_as_buffer(op: Any) -> None:
 
     if op not in lowerings:
         register_lowering(op, type_promotion_kind=None)(realized)
+
+
+class _IntValue:
+    """An integer value inside an Inductor kernel with Python's integer operators (``^ & | << >> *``; an ``int``
+    operand becomes a constant of the value's dtype), so that one function computes on tensors in eager and on
+    these values in a kernel. Each operator is one op of the kernel's body: a value used twice is computed once
+    (an expression of separate pointwise nodes is inlined into each of its uses, so that a chain of
+    ``h ^ (h >> s)`` doubles the ops Inductor generates at every step)."""
+
+    __slots__ = ("value", "dtype")
+
+    def __init__(self, value: Any, dtype: torch.dtype):
+        self.value, self.dtype = value, dtype
+
+    def _binary(self, name: str, other: Any) -> "_IntValue":
+        from torch._inductor.virtualized import ops
+
+        rhs = other.value if isinstance(other, _IntValue) else ops.constant(other, self.dtype)
+        return _IntValue(getattr(ops, name)(self.value, rhs), self.dtype)
+
+    def __xor__(self, other: Any) -> "_IntValue":
+        return self._binary("bitwise_xor", other)
+
+    def __and__(self, other: Any) -> "_IntValue":
+        return self._binary("bitwise_and", other)
+
+    def __or__(self, other: Any) -> "_IntValue":
+        return self._binary("bitwise_or", other)
+
+    def __lshift__(self, other: Any) -> "_IntValue":
+        return self._binary("bitwise_left_shift", other)
+
+    def __rshift__(self, other: Any) -> "_IntValue":
+        return self._binary("bitwise_right_shift", other)
+
+    def __mul__(self, other: Any) -> "_IntValue":
+        return self._binary("mul", other)
+
+
+def lower_indexed(op: Any, fn: Callable[..., Any]) -> None:
+    """Have Inductor lower ``op(scalar, shape, *args) -> int64 tensor of shape`` (``scalar`` a ``(1,)`` tensor
+    holding an integer) as one pointwise computation, ``fn(i, s, shape, wide, *args)`` per element: ``i`` its
+    row-major flat index and ``s`` the scalar, both int64 values taking Python's integer operators (``_IntValue``),
+    ``wide`` whether an index may reach ``2**32``. ``fn`` is the function the op's eager implementation runs on
+    tensors: the same integers on every backend, each of its intermediates computed once in the kernel's body."""
+    import sympy
+    from torch._inductor.ir import FlexibleLayout, Pointwise
+    from torch._inductor.lowering import lowerings, register_lowering
+    from torch._inductor.virtualized import ops
+
+    def lowering(scalar, shape, *args):
+        ranges = list(shape)
+        strides = FlexibleLayout.contiguous_strides(ranges)
+        numel = sympy.Mul(*ranges)
+        wide = not (numel.is_number and int(numel) <= 0xFFFFFFFF)
+        load = scalar.make_loader()
+
+        def inner_fn(index):
+            flat = sympy.Add(*[i * s for i, s in zip(index, strides)])
+            i = _IntValue(ops.index_expr(flat, torch.int64), torch.int64)
+            s = _IntValue(ops.to_dtype(load([sympy.Integer(0)]), torch.int64), torch.int64)
+            return fn(i, s, ranges, wide, *args).value
+
+        return Pointwise.create(device=scalar.get_device(), dtype=torch.int64, inner_fn=inner_fn, ranges=ranges)
+
+    if op not in lowerings:
+        register_lowering(op, type_promotion_kind=None)(lowering)
 
 
 @contextlib.contextmanager

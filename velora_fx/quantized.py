@@ -24,11 +24,11 @@ The uniforms ``u`` come from no generator: ``u = hash(key, i) / 2³²`` for
 element ``i`` of the (padded) input, with ``key`` a 24-bit integer drawn from
 (seed, weight, step) by the runtime and passed to the graph as its state
 input. The hash is a handful of integer ops in int64 with every product below
-2⁶³ (no overflow, identical on every backend), which Inductor fuses into the
-quantize kernel. So training with velora_fx draws nothing from the user's
-generators (dropout, data order unchanged), every rank draws the same ``u``,
-and a run resumed from a checkpoint (its step counter) draws the same ``u``
-again: bit-identical.
+2⁶³ (no overflow, identical on every backend), one op of the graph
+(``_keyed_bits``) that Inductor fuses into the quantize kernel. So training
+with velora_fx draws nothing from the user's generators (dropout, data order
+unchanged), every rank draws the same ``u``, and a run resumed from a
+checkpoint (its step counter) draws the same ``u`` again: bit-identical.
 
 Rotation (``Quantized(rotation="hadamard")``): a group holding one large
 coordinate has a wide range, and every other element of it gets a coarse
@@ -73,9 +73,9 @@ _M32 = 0xFFFFFFFF
 _MARGIN = 2.0**-8  # bfloat16 keeps 8 significant bits: a relative margin of 2^-8 survives its rounding
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xor-shift-multiply, after Wellons' lowbias32) of ``h`` in ``[0, 2^32)``, held in int64:
-    both multipliers are below 2^31, so no product reaches 2^63."""
+def _mix32(h):
+    """A 32-bit integer hash (xor-shift-multiply, after Wellons' lowbias32) of ``h`` in ``[0, 2^32)``, held in int64
+    (a tensor, or a value in an Inductor kernel): both multipliers are below 2^31, so no product reaches 2^63."""
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _M32
     h = h ^ (h >> 15)
@@ -83,39 +83,68 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _uniform_hash(index, k, wide: bool):
+    """The 24-bit integer behind the uniform of the element at flat ``index`` under key ``k`` (int64 both: tensors,
+    or values in an Inductor kernel); ``wide``: whether an index may reach ``2**32`` (else its high half, which
+    would xor 0, is left out: the same integers either way)."""
+    k = (k * 0x9E3779B1) & _M32  # k < 2^24: the product < 2^56
+    h = (index & _M32) ^ k ^ (((index >> 32) * 0x632BE5AB) & _M32) if wide else index ^ k
+    return _mix32(h) >> 8
+
+
+def _hadamard_hash(index, k, group_size: int):
+    """Entry ``index`` (flat, row-major) of the ``group_size × group_size`` signed Walsh–Hadamard matrix of key ``k``
+    as a bit, ``1`` for ``−1``: row ``i``'s sign (a second hash over the first one's output, so that the signs are
+    not any element's uniforms) xor the parity of ``popcount(i & j)``, folded out with shifts."""
+    shift = group_size.bit_length() - 1
+    i, j = index >> shift, index & (group_size - 1)
+    sign = _mix32(_mix32(i ^ ((k * 0x9E3779B1) & _M32)) ^ 0x5BD1E995)
+    v = i & j
+    for s in (16, 8, 4, 2, 1):
+        v = v ^ (v >> s)
+    return (sign ^ v) & 1
+
+
+def _keyed_hash(index, k, shape, wide: bool, kind: str):
+    """``_uniform_hash`` (``kind="uniform"``) or ``_hadamard_hash`` (``"hadamard"``, ``shape`` square) of each
+    element: what ``_keyed_bits`` computes, in eager and in Inductor's kernel alike."""
+    return _uniform_hash(index, k, wide) if kind == "uniform" else _hadamard_hash(index, k, int(shape[-1]))
+
+
+@torch.library.custom_op("velora_fx::keyed_bits", mutates_args=())
+def _keyed_bits(key: torch.Tensor, shape: list[int], kind: str) -> torch.Tensor:
+    """``_keyed_hash`` of every element of an int64 tensor of ``shape``, from ``key`` and the element's flat index.
+
+    An op of its own, so that Inductor computes the hash as written (``_torch_internals.lower_indexed``). Traced
+    torch op by torch op, each xor-shift ``h ^ (h >> s)`` is inlined into both of its uses of ``h``, and the ops
+    Inductor generates (and its compile time) double at every such step: 8× the uniforms' first ops, 32× and 64×
+    the rotation's. The integers are the same either way."""
+    numel = math.prod(shape)
+    index = torch.arange(numel, device=key.device, dtype=torch.int64).view(shape)
+    return _keyed_hash(index, key.to(torch.int64), shape, numel > _M32, kind)
+
+
+@_keyed_bits.register_fake
+def _(key: torch.Tensor, shape: list[int], kind: str) -> torch.Tensor:
+    return key.new_empty(shape, dtype=torch.int64)
+
+
+ti.lower_indexed(torch.ops.velora_fx.keyed_bits.default, _keyed_hash)
+
+
 def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``U[0, 1)`` float32 numbers, one per element of ``rows`` (any shape), from ``key`` (a float32 tensor of
     shape ``(1,)`` holding an integer below ``2**KEY_BITS``) and each element's flat index."""
-    numel = rows.numel()
-    index = torch.arange(numel, device=rows.device, dtype=torch.int64).view(rows.shape)
-    k = key.to(torch.int64) * 0x9E3779B1  # < 2^56
-    if isinstance(numel, int) and numel <= _M32:  # every index fits in 32 bits: its high part would xor 0
-        h = index ^ (k & _M32)
-    else:
-        h = (index & _M32) ^ (k & _M32) ^ (((index >> 32) * 0x632BE5AB) & _M32)
-    return (_mix32(h) >> 8).to(torch.float32) * 2.0**-24
-
-
-def _signs(key: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` float32 signs ``±1`` from ``key``: a second hash over the first one's output, so that they are not
-    the stochastic rounding's uniforms of any element."""
-    index = torch.arange(count, device=key.device, dtype=torch.int64)
-    k = key.to(torch.int64) * 0x9E3779B1
-    h = _mix32(_mix32(index ^ (k & _M32)) ^ 0x5BD1E995)
-    return (1 - 2 * (h & 1)).to(torch.float32)
+    return _keyed_bits(key, list(rows.shape), "uniform").to(torch.float32) * 2.0**-24
 
 
 def rotation(key: torch.Tensor, group_size: int) -> torch.Tensor:
     """``S H``: the ``group_size × group_size`` Walsh–Hadamard matrix with its rows' signs drawn from ``key``, as
     float32 ``±1`` entries (NOTE [quantized weight gradient], "Rotation"). ``(S H)(S H)ᵀ = group_size · I``.
 
-    ``H[i, j] = (−1)^popcount(i & j)``, the parity folded out of ``i & j`` with shifts: integer ops only, so both
-    routes build it in the graph from the key (nothing to keep)."""
-    i = torch.arange(group_size, device=key.device, dtype=torch.int64)
-    v = i.unsqueeze(-1) & i
-    for shift in (16, 8, 4, 2, 1):
-        v = v ^ (v >> shift)
-    return _signs(key, group_size).unsqueeze(-1) * (1 - 2 * (v & 1)).to(torch.float32)
+    ``H[i, j] = (−1)^popcount(i & j)``: integer ops only (``_hadamard_hash``), so both routes build it in the graph
+    from the key (nothing to keep)."""
+    return (1 - 2 * _keyed_bits(key, [group_size, group_size], "hadamard")).to(torch.float32)
 
 
 def _rotate(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
