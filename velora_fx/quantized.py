@@ -157,10 +157,15 @@ def _rotate(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("velora_fx::in_buffer", mutates_args=())
 def _in_buffer(x: torch.Tensor) -> torch.Tensor:
     """``x``, computed once into a buffer of its own under Inductor (``_torch_internals.lower_as_buffer``); a copy
-    in eager. For the nearest-rounded codes, which ``_pack`` reads once per plane: left to its own choice, Inductor
-    inlines their computation (a few ops) into each read, where a group's ``lo`` and ``s`` are indexed through a
-    floor division of the plane's position that its C++ code generator does not vectorize, and the packing runs
-    as a scalar loop wherever the groups do not tile the planes (5–17× slower at 1–3 bits, 384 or 688 features)."""
+    in eager. Left to its own choice, Inductor inlines a cheap pointwise value into each of its reads, and keeps
+    the ops of every copy in the kernel's body: its code generation (and compile time) grows with them.
+
+    * The codes, which ``_pack`` reads once per plane. Nearest-rounded, each inlined read indexes a group's ``lo``
+      and ``s`` through a floor division of the plane's position, which Inductor's C++ code does not vectorize: a
+      scalar loop wherever the groups do not tile the planes (5–17× slower at 1–3 bits, 384 or 688 features).
+      Stochastic, the hash was inlined into every plane.
+    * Each group's ``lo`` and ``s``, which the codes and the record's scale bytes read: inlined, the bfloat16
+      roundings ran again in each of the six reads (and ``lo``'s in ``s``'s)."""
     return x.clone()
 
 
@@ -210,13 +215,12 @@ def _quantize(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, st
     lo_f, hi = z.amin(-1), z.amax(-1)
     lo = _round_to_bfloat16(lo_f - lo_f.abs() * _MARGIN)  # at most lo_f
     step = _round_to_bfloat16((hi - lo) * ((1.0 + _MARGIN) / levels))  # at least (hi - lo) / L
+    lo, step = _in_buffer(lo), _in_buffer(step)  # (N, groups): read by the codes and the scale bytes
     inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
     t = (z - lo.unsqueeze(-1)) * inverse.unsqueeze(-1)
     u = uniforms(key, t) if stochastic else 0.5
     codes = torch.floor(t + u).clamp(0, levels)
-    # stored once, in a buffer of their own, for ``_pack`` to read (``_in_buffer`` says why); stochastic codes are
-    # stored so already (the hash's op count makes Inductor keep ``t + u`` in a buffer, and that path measures faster)
-    codes = codes.to(torch.int32) if stochastic else _in_buffer(codes.to(torch.uint8))
+    codes = _in_buffer(codes.to(torch.uint8))  # stored once, for ``_pack`` to read (``_in_buffer`` says why)
     return _pack(codes.view(-1, n * group_size), bits), lo, step
 
 
@@ -279,10 +283,10 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     m = codes.shape[-1]
     c = codes.to(torch.int32).view(-1, 8, m // 8)
     byte_planes = [_or_all([_shift(c[:, k], s) for k, j, s in _fields(bits) if j == byte]) for byte in range(bits)]
-    planes = torch.stack(byte_planes, dim=1)
     if 8 % bits:  # a code straddles two bytes (3 bits): drop what was shifted past its byte
-        planes = planes & 0xFF
-    return planes.to(torch.uint8).view(-1, m * bits // 8)
+        byte_planes = [p & 0xFF for p in byte_planes]
+    # each plane narrowed before it is stacked: Inductor writes the uint8 planes in place, not an int32 copy first
+    return torch.stack([p.to(torch.uint8) for p in byte_planes], dim=1).view(-1, m * bits // 8)
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -323,8 +327,8 @@ def _record(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.
     parts = []
     for v in (lo, step):
         b = v.view(torch.int32)
-        parts += [(b >> 16) & 0xFF, (b >> 24) & 0xFF]
-    scale_bytes = torch.stack(parts, dim=-1).to(torch.uint8)  # (N, groups, 4): lo's two bytes, then s's
+        parts += [((b >> 16) & 0xFF).to(torch.uint8), ((b >> 24) & 0xFF).to(torch.uint8)]
+    scale_bytes = torch.stack(parts, dim=-1)  # (N, groups, 4): lo's two bytes, then s's
     return torch.cat([codes, scale_bytes.view(codes.shape[0], -1)], dim=-1)
 
 
