@@ -95,12 +95,13 @@ def test_pack_and_unpack_are_inverse(rows, bits, seed):
     assert packed[0, i::8].tolist() == expected
 
 
-@pytest.mark.parametrize("bits, features, rotated", [(1, 88, False), (3, 96, False), (2, 64, True)])
+@pytest.mark.parametrize("bits, features, rotated", [(1, 88, False), (3, 96, False), (8, 88, False), (2, 64, True)])
 def test_compiled_codec_is_the_eager_codec_byte_for_byte(bits, features, rotated):
     """Inductor's code for the codec, both roundings, where the groups of 32 do not tile the 8 planes (3 groups;
-    88 features are padded to 96), and rotated: the same record and the same x̂ as eager, bit for bit. The codes
-    and each group's low end and step go through ``_in_buffer``, which Inductor lowers to a buffer of its own (a
-    copy in eager: values, dtype and shape unchanged, its own storage)."""
+    88 features are padded to 96), at 8 bits (the codes are the record's bytes) and rotated: the same record and the
+    same x̂ as eager, bit for bit. The codes below 8 bits and each group's low end and step go through
+    ``_in_buffer``, which Inductor lowers to a buffer of its own (a copy in eager: values, dtype and shape
+    unchanged, its own storage)."""
     from torch._inductor.lowering import lowerings
 
     assert torch.ops.velora_fx.in_buffer.default in lowerings

@@ -220,7 +220,9 @@ def _quantize(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, st
     t = (z - lo.unsqueeze(-1)) * inverse.unsqueeze(-1)
     u = uniforms(key, t) if stochastic else 0.5
     codes = torch.floor(t + u).clamp(0, levels)
-    codes = _in_buffer(codes.to(torch.uint8))  # stored once, for ``_pack`` to read (``_in_buffer`` says why)
+    codes = codes.to(torch.uint8)
+    if bits < 8:  # stored once, for ``_pack`` to read (``_in_buffer`` says why); 8-bit codes are the record's bytes
+        codes = _in_buffer(codes)
     return _pack(codes.view(-1, n * group_size), bits), lo, step
 
 
