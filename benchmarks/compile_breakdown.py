@@ -7,8 +7,10 @@ prints its first step's seconds, then the seconds spent in a few compiler functi
 inclusive and overlapping: ``compile_to_module`` holds the code generation, which holds the kernels'), and the
 C++ kernels Inductor generated: how many, their code generation's total, the slowest, and how many of its
 outer-loop fusions failed their loop-level check (each such kernel is generated twice: once fused, then again
-as separate loops). The first kernel of every process also pays Inductor's one-time probe of the CPU's vector
-ISA (about 7 s here): compare methods by the totals' differences. Reads Inductor's internals (benchmark only).
+as separate loops); and the ops its code generator emitted (each op of a kernel's loop body, once per variant:
+scalar, vector, vector tail), in all and in the biggest kernel — what the code generation's time follows. The
+first kernel of every process also pays Inductor's one-time probe of the CPU's vector ISA (about 7 s here):
+compare methods by the totals' differences. Reads Inductor's internals (benchmark only).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _wrap(owner, name: str, record) -> None:
 def measure(which: str, args) -> dict:
     """One cold first step of ``which`` in this process, broken down."""
     from torch._inductor import metrics
-    from torch._inductor.codegen import cpp
+    from torch._inductor.codegen import common, cpp
 
     import benchmarks.backend_bench as bb
     from benchmarks.measure import import_compiler
@@ -70,7 +72,24 @@ def measure(which: str, args) -> dict:
         _wrap(owner, name, lambda dt, q=qual: phases.__setitem__(q, phases[q] + dt))
     kernels: list[float] = []
     outer = {"attempted": 0, "failed": 0}
-    _wrap(cpp.CppScheduling, "codegen_node", kernels.append)
+    ops = {"all": 0, "biggest kernel": 0}
+    emit = common.CSEProxy._default  # every op a kernel's body emits passes through here
+
+    def counted_op(self, name, args, kwargs):
+        ops["all"] += 1
+        return emit(self, name, args, kwargs)
+
+    common.CSEProxy._default = counted_op
+    generate = cpp.CppScheduling.codegen_node
+
+    def generated(self, node):
+        before, start = ops["all"], time.perf_counter()
+        result = generate(self, node)
+        kernels.append(time.perf_counter() - start)
+        ops["biggest kernel"] = max(ops["biggest kernel"], ops["all"] - before)
+        return result
+
+    cpp.CppScheduling.codegen_node = generated
     original = cpp.CppScheduling.codegen_outer_loop_node
 
     def counted(self, node):
@@ -90,7 +109,7 @@ def measure(which: str, args) -> dict:
     first = time.perf_counter() - start
     kernels.sort(reverse=True)
     return {"first_step_s": first, "phases_s": dict(phases), "kernels": len(kernels), "kernel_codegen_s": sum(kernels),
-            "slowest_kernels_s": kernels[:3], "outer_loop_fusions": outer}  # fmt: skip
+            "slowest_kernels_s": kernels[:3], "outer_loop_fusions": outer, "ops_emitted": ops}  # fmt: skip
 
 
 def main() -> None:
@@ -111,10 +130,11 @@ def main() -> None:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             results[which] = json.loads(out.strip().splitlines()[-1])
     for which, r in results.items():
-        o = r["outer_loop_fusions"]
+        o, e = r["outer_loop_fusions"], r["ops_emitted"]
         print(f"{which}: first step {r['first_step_s']:.1f} s; {r['kernels']} kernels, code generation "
               f"{r['kernel_codegen_s']:.1f} s (slowest {', '.join(f'{t:.2f}' for t in r['slowest_kernels_s'])}); "
-              f"outer-loop fusions {o['attempted']}, {o['failed']} failed and generated again")  # fmt: skip
+              f"outer-loop fusions {o['attempted']}, {o['failed']} failed and generated again; "
+              f"{e['all']} ops emitted, {e['biggest kernel']} by the biggest kernel")  # fmt: skip
         for qual, secs in r["phases_s"].items():
             print(f"    {qual:40s} {secs:6.2f} s")
     print(json.dumps(results, indent=1))
