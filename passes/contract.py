@@ -32,7 +32,7 @@ class ParamSlot:
     ``basis_primal is None`` means the parameter keeps its input exactly
     (``reason`` says why). ``basis_shape`` is the codec's: for a projection
     ``(d, r)``, the sub-token size and the coordinates kept per sub-token
-    (VeLoRA: ``(D / num_groups, 1)``); quantized, ``(group_size, bits, rotated)``.
+    (VeLoRA: ``(D / num_groups, 1)``); quantized, ``(group_size, bits, rotated, stochastic)``.
     ``leader`` is the slot whose basis this one uses when both weights read
     the same input (NOTE [one basis per input] in ``velora_fx/runtime.py``).
     ``refreshed``: the basis of this step is computed inside the graph

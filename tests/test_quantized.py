@@ -268,9 +268,11 @@ def test_config_round_trips_and_rejects_projection_settings():
 # -- both routes: dW is gᵀ x̂ with the draws of its step; the rest is exact --------------------------------------
 
 
-#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, rotated, and one ``k_proj``
-#: and ``v_proj`` at 1 bit, apart from the ``q_proj`` they share their input with (two records: one per size)
-OVERRIDES = {"*.mlp.down_proj.weight": Quantized(bits=4, group_size=8, rotation="hadamard"),
+#: per-weight sizes (``VeloraConfig.overrides``): ``down_proj`` at 4 bits in groups of 8, rotated and rounded to
+#: nearest, one ``k_proj`` and ``v_proj`` at 1 bit, apart from the ``q_proj`` they share their input with (two
+#: records: one per size), and the other ``k_proj`` rounded to nearest, its sizes its ``q_proj``'s (a record of its own)
+OVERRIDES = {"*.mlp.down_proj.weight": Quantized(bits=4, group_size=8, rounding="nearest", rotation="hadamard"),
+             "layers.0.self_attn.k_proj.weight": Quantized(bits=2, group_size=16, rounding="nearest"),
              "layers.1.self_attn.[kv]_proj.weight": Quantized(bits=1, group_size=16)}  # fmt: skip
 
 
@@ -319,11 +321,14 @@ def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
     assert {r.per_token for r in rep.compressed} == {2 + 32 / 16, 4 + 32 / 8, 1 + 32 / 16}
     # each site's own settings, in the records and in the report's estimator line (the overrides show)
     assert {r.weight: r.settings for r in rep.compressed if r.settings != "2 bits in groups of 16"} == {
-        **{f"layers.{i}.mlp.down_proj.weight": "4 bits in groups of 8, Hadamard-rotated" for i in (0, 1)},
+        **{f"layers.{i}.mlp.down_proj.weight": "4 bits in groups of 8, Hadamard-rotated, nearest rounding"
+           for i in (0, 1)}, "layers.0.self_attn.k_proj.weight": "2 bits in groups of 16, nearest rounding",
         **{f"layers.1.self_attn.{n}_proj.weight": "1 bit in groups of 16" for n in "kv"}}
     (line,) = [t for t in " ".join(str(rep).split()).split("estimator ")[1:] if t.startswith("quantized:")]
-    assert line.startswith("quantized: 8 sites at 2 bits in groups of 16; ") and "; k = bits kept per element" in line
-    assert "; 2 sites at 4 bits in groups of 8, Hadamard-rotated;" in line and "; 2 sites at 1 bit in groups of 16;" in line
+    assert line.startswith("quantized: 7 sites at 2 bits in groups of 16; ") and "; k = bits kept per element" in line
+    assert "; 1 site at 2 bits in groups of 16, nearest rounding;" in line
+    assert "; 2 sites at 4 bits in groups of 8, Hadamard-rotated, nearest rounding;" in line
+    assert "; 2 sites at 1 bit in groups of 16;" in line
     projs, got = velora_fx.projections(model), grads(model)
     for r in rep.compressed:
         proj = projs[r.weight]

@@ -84,10 +84,11 @@ class VeloraConfig:
             ``include``).
         overrides: per-weight sizes: ``{pattern: settings}``, glob patterns
             on parameter names as in ``include``, each mapped to settings of
-            the same estimator that differ from ``estimator`` only in how much
-            an input keeps (``EstimatorSettings.SITE_FIELDS``: ``bits`` and
-            ``group_size`` of ``Quantized``, ``num_groups`` / ``sub_token_size``
-            of ``Velora``, ``rank`` of the single projections). The first
+            the same estimator that differ from ``estimator`` only in how an
+            input is kept (``EstimatorSettings.SITE_FIELDS``: ``bits``,
+            ``group_size``, ``rounding`` and ``rotation`` of ``Quantized``,
+            ``num_groups`` / ``sub_token_size`` of ``Velora``, ``rank`` of the
+            single projections). The first
             matching pattern wins; other weights use ``estimator``. Weights
             that read one input and resolve to different sizes keep one record
             each.

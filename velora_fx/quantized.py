@@ -403,7 +403,7 @@ class QuantizedCodec(Estimator):
 
     def basis_shape(self, features: int):
         q = self.settings
-        return (q.group_size, q.bits, q.rotation == "hadamard"), ""
+        return (q.group_size, q.bits, q.rotation == "hadamard", q.rounding == "stochastic"), ""
 
     def state_shape(self, basis_shape) -> tuple[int, ...]:
         return (1,)
@@ -420,27 +420,27 @@ class QuantizedCodec(Estimator):
     def refreshed(self, basis, total, count, name, index):
         return key_for(self.config.seed, name, index)
 
-    # The site's sizes come from its ``basis_shape``, ``(group_size, bits, rotated)``, not from the settings: a per-weight
-    # override (``VeloraConfig.overrides``) gives each site its own.
+    # The site's sizes and rounding come from its ``basis_shape``, ``(group_size, bits, rotated, stochastic)``, not from
+    # the settings: a per-weight override (``VeloraConfig.overrides``) gives each site its own.
 
     def encode(self, x: torch.Tensor, state: torch.Tensor, basis_shape) -> tuple[torch.Tensor, ...]:
-        group_size, bits, rotated = basis_shape
-        return (encode_record(x, state, bits, group_size, self.settings.rounding == "stochastic", rotated),)
+        group_size, bits, rotated, stochastic = basis_shape
+        return (encode_record(x, state, bits, group_size, stochastic, rotated),)
 
     def decode(self, saved: Sequence[torch.Tensor], state: torch.Tensor, basis_shape, features: int,
                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-        group_size, bits, rotated = basis_shape
+        group_size, bits, rotated, _ = basis_shape
         return decode_record(saved[0], bits, group_size, features, dtype, state if rotated else None)
 
     def kept_bytes(self, shape, dtype, basis_shape) -> int:
-        group_size, bits, rotated = basis_shape
+        group_size, bits, rotated, _ = basis_shape
         return kept_bytes(shape, bits, group_size, rotated)
 
     def per_token(self, features: int, basis_shape) -> float:
-        group_size, bits, _ = basis_shape
+        group_size, bits, _, _ = basis_shape
         return bits + 32 / group_size
 
     def describe(self, basis_shape) -> str:
-        group_size, bits, rotated = basis_shape
-        rounding = "" if self.settings.rounding == "stochastic" else f", {self.settings.rounding} rounding"
+        group_size, bits, rotated, stochastic = basis_shape
+        rounding = "" if stochastic else ", nearest rounding"
         return f"{bits} bit{'s' * (bits > 1)} in groups of {group_size}{', Hadamard-rotated' * rotated}{rounding}"

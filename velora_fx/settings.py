@@ -223,7 +223,8 @@ class Quantized(EstimatorSettings):
     Args:
         bits: bits per code, one of ``(1, 2, 3, 4, 8)``.
         group_size: elements sharing one low end and step; a positive multiple of 8.
-        rounding: ``"stochastic"`` (the default: unbiased) or ``"nearest"``.
+        rounding: ``"stochastic"`` (the default: unbiased) or ``"nearest"``; a per-weight override
+            (``VeloraConfig(overrides=...)``) may set it for some weights only.
         rotation: ``"none"`` (the default) or ``"hadamard"``: each group is multiplied by a Walsh–Hadamard
             matrix with random signs before it is quantized, and back after (``group_size`` must be a power of
             two). It spreads a group's outliers over the whole group, which narrows its range: on an MLP's
@@ -245,7 +246,7 @@ class Quantized(EstimatorSettings):
     rotation: str = "none"
 
     name: ClassVar[str] = "quantized"
-    SITE_FIELDS: ClassVar[tuple[str, ...]] = ("bits", "group_size", "rotation")
+    SITE_FIELDS: ClassVar[tuple[str, ...]] = ("bits", "group_size", "rounding", "rotation")
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
