@@ -67,6 +67,11 @@ METHODS = {
     "quant2-g128-down1h": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128},
                                   overrides={"*.down_proj.weight": {"name": "quantized", "bits": 1, "group_size": 128,
                                                                     "rotation": "hadamard"}}),
+    # ... with the 2-bit codes rounded to nearest (4 bits nearest beat 4 bits stochastic); down_proj's 1 bit stays
+    # stochastic (a 1-bit nearest code is a sign)
+    "quant2n-g128-down1h": _velora(estimator={"name": "quantized", "bits": 2, "group_size": 128, "rounding": "nearest"},
+                                   overrides={"*.down_proj.weight": {"name": "quantized", "bits": 1, "group_size": 128,
+                                                                     "rotation": "hadamard", "rounding": "stochastic"}}),
 }  # fmt: skip
 
 #: the estimator the README recommends (from the table ``summary`` prints)
@@ -196,6 +201,7 @@ LABELS = {
     "quant2-g128": "`Quantized(bits=2, group_size=128)` (2.25 bits/element)",
     "quant2-g128-down1": "`Quantized(bits=2, group_size=128)`, `down_proj` at `bits=1` (1.25 bits/element)",
     "quant2-g128-down1h": "... and `down_proj` rotated first (`rotation=\"hadamard\"`)",
+    "quant2n-g128-down1h": "... and the 2-bit codes rounded to nearest (`down_proj`'s 1 bit stochastic)",
 }
 
 BYTES = RESULTS / "bytes.json"
