@@ -118,6 +118,23 @@ def test_compiled_codec_is_the_eager_codec_byte_for_byte(bits, features, rotated
         assert torch.equal(decode(record), q.decode_record(record, bits, 32, features, torch.float32, state))
 
 
+def test_the_codec_stores_its_values_once_when_compiled_and_copies_nothing_in_eager():
+    """``_stored_once``: Dynamo's graph of the codec holds the three ``in_buffer`` nodes (``lo``, ``s``, the codes);
+    in eager the values pass through uncopied (a buffer is a compiler's notion, a copy there is only work)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    x, key = torch.randn(16, 64), q.key_for(0, "w", 1)
+    compiled = torch.compile(lambda x, k: q.encode_record(x, k, 2, 32, True), backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x, key), q.encode_record(x, key, 2, 32, True))
+    assert sum(n.target == torch.ops.velora_fx.in_buffer.default for n in graphs[0].graph.nodes) == 3
+    c = torch.arange(8, dtype=torch.uint8)
+    assert q._stored_once(c) is c
+
+
 _M32 = 0xFFFFFFFF
 
 

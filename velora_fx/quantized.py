@@ -177,6 +177,13 @@ def _(x: torch.Tensor) -> torch.Tensor:
 ti.lower_as_buffer(torch.ops.velora_fx.in_buffer.default)
 
 
+def _stored_once(x: torch.Tensor) -> torch.Tensor:
+    """``_in_buffer(x)`` where a compiler traces (Dynamo, or the backend's ``trace_into`` on fake values); ``x``
+    itself in eager (the FX route's ``autograd.Function``), where the buffer would only be a copy on the training
+    step."""
+    return _in_buffer(x) if torch.compiler.is_compiling() or ti.is_fake(x) else x
+
+
 def _groups(features: int, group_size: int) -> int:
     return -(-features // group_size)
 
@@ -215,14 +222,14 @@ def _quantize(x: torch.Tensor, key: torch.Tensor, bits: int, group_size: int, st
     lo_f, hi = z.amin(-1), z.amax(-1)
     lo = _round_to_bfloat16(lo_f - lo_f.abs() * _MARGIN)  # at most lo_f
     step = _round_to_bfloat16((hi - lo) * ((1.0 + _MARGIN) / levels))  # at least (hi - lo) / L
-    lo, step = _in_buffer(lo), _in_buffer(step)  # (N, groups): read by the codes and the scale bytes
+    lo, step = _stored_once(lo), _stored_once(step)  # (N, groups): read by the codes and the scale bytes
     inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
     t = (z - lo.unsqueeze(-1)) * inverse.unsqueeze(-1)
     u = uniforms(key, t) if stochastic else 0.5
     codes = torch.floor(t + u).clamp(0, levels)
     codes = codes.to(torch.uint8)
     if bits < 8:  # stored once, for ``_pack`` to read (``_in_buffer`` says why); 8-bit codes are the record's bytes
-        codes = _in_buffer(codes)
+        codes = _stored_once(codes)
     return _pack(codes.view(-1, n * group_size), bits), lo, step
 
 
