@@ -7,7 +7,9 @@ op: the node is inserted before the writer's reference node, sized with
 node's provenance (stack trace, module stack, activation-checkpointing tags)
 and is tagged ``{"role": role}`` under ``META_KEY``. ``w.trace(fn, ...)``
 inlines plain tensor code instead (traced to aten ops with Inductor's
-decompositions), for codecs written once for both routes.
+decompositions), for codecs written once for both routes; ``w.shared(fn, ...,
+key)`` traces it once per key and input signature into a subgraph that every
+such call invokes, so that Inductor generates its code once.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class GraphWriter:
     def trace(self, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
         """``fn(*args)`` (plain tensor code on the nodes' values) traced to aten ops and inserted here."""
         return ti.trace_into(self.graph, fn, list(args), self.like, self.carried())
+
+    def shared(self, fn: Callable[..., Any], args: Sequence[Any], key: Any, backward: bool = False) -> Any:
+        """``trace``, but traced once per ``key`` (what ``fn`` computes besides its inputs: equal keys, same code)
+        and input signature into a subgraph of the graph, called here with ``invoke_subgraph``; ``backward``: the
+        call belongs in backward although it reads only forward values (``ti.trace_shared``)."""
+        return ti.trace_shared(self.graph, fn, list(args), self.like, self.carried(), key, backward)
 
     def dims(self, node: torch.fx.Node, upto: int) -> list[Any]:
         """Sizes ``node.shape[:upto]`` as graph values: ints, or ``sym_size`` nodes where symbolic."""

@@ -724,6 +724,54 @@ def test_rewritten_graphs_generate_no_more_kernels_than_the_default_ones():
     assert 0 < _generated_kernels(velora_code) <= _generated_kernels(default_code)
 
 
+def test_shared_code_is_traced_once_per_key_and_signature_and_computes_what_inlined_code_does():
+    """``GraphWriter.shared`` (``ti.trace_shared``): one subgraph per (key, input signature), one ``invoke_subgraph``
+    call per use with fresh fake outputs, an input the code ignores left out of the call, a backward call tagged to
+    be recomputed there; the graph computes what the code does. Symbolic sizes, or an output that aliases an input,
+    inline the code instead (as ``trace``)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from velora_fx.passes.graph_writer import GraphWriter
+
+    def f(x, key):  # ignores the key
+        return x * 2 + 1, x.sum(-1)
+
+    def g(x, key):
+        return x * key.sum()
+
+    gm = make_fx(lambda a, b, k: (a.sin(), b.cos(), k + 1), tracing_mode="fake")(*[torch.randn(4, 8)] * 2, torch.randn(3))
+    a, b, k = gm.graph.find_nodes(op="placeholder")
+    output = gm.graph.find_nodes(op="output")[0]
+    w = GraphWriter(gm.graph, output, "project")
+    first, second = w.shared(f, [a, k], key="f"), w.shared(f, [b, k], key="f")
+    third = w.shared(g, [a, k], key="g", backward=True)
+    calls = gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+    assert len(calls) == 3 and len({c.args[0].target for c in calls}) == 2
+    assert [c.args[2:] for c in calls] == [(a,), (b,), (a, k)]
+    assert first[0].meta["val"] is not second[0].meta["val"] and first[0].meta[META_KEY] == {"role": "project"}
+    assert calls[2].meta["recompute"] == CheckpointPolicy.MUST_RECOMPUTE and "recompute" not in calls[0].meta
+    assert ti.is_shared_subgraph(getattr(gm, calls[0].args[0].target).graph) and not ti.is_shared_subgraph(gm.graph)
+    output.args = ((*output.args[0], *first, *second, third),)
+    gm.recompile()
+    x, y, key = torch.randn(4, 8), torch.randn(4, 8), torch.randn(3)
+    got = gm(x, y, key)
+    for have, want in zip(got[3:], (*f(x, key), *f(y, key), g(x, key))):
+        assert_close(have, want, "a shared call")
+
+    symbolic = make_fx(lambda a, k: a.sin(), tracing_mode="symbolic")(torch.randn(4, 8), torch.randn(3))
+    a, k = symbolic.graph.find_nodes(op="placeholder")
+    w = GraphWriter(symbolic.graph, symbolic.graph.find_nodes(op="output")[0], "project")
+    w.shared(f, [a, k], key="f")
+    assert w.shared(lambda x, key: x.view(-1), [a, k], key="alias").target is torch.ops.aten.view.default
+    assert not symbolic.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+    fake = make_fx(lambda a, k: a.sin(), tracing_mode="fake")(torch.randn(4, 8), torch.randn(3))
+    a, k = fake.graph.find_nodes(op="placeholder")
+    w = GraphWriter(fake.graph, fake.graph.find_nodes(op="output")[0], "project")
+    assert w.shared(lambda x, key: x[:2], [a, k], key="alias").target is torch.ops.aten.slice.Tensor  # inlined
+    assert not fake.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+
+
 def test_a_failing_rewrite_leaves_the_graph_exact(stack, monkeypatch, caplog):
     """Apply is guarded as planning is: an error half-way leaves the joint graph exactly as it was, and says so."""
     (g,) = stack.graphs

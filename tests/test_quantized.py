@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -17,10 +18,11 @@ from torch import fx
 
 import velora_fx
 from velora_fx import Quantized, VeloraConfig
+from velora_fx import _torch_internals as ti
 from velora_fx import quantized as q
 
 from .backend_models import LlamaStack
-from .helpers import assert_close, capture_linears, grads, saved_bytes_step
+from .helpers import assert_close, capture_linears, generated_code, grads, saved_bytes_step
 from .models import LlamaBlock
 
 
@@ -313,15 +315,20 @@ def compiled_stack():
     model = velora_fx.prepare(LlamaStack(blocks=2, dim=32, heads=2, hidden=48))
     exact = copy.deepcopy(model)
     compiled, compiled_exact = torch.compile(model, backend=velora_fx.make_backend(cfg)), torch.compile(exact)
-    steps = []
+    steps, code = [], []
     for step in range(3):
         x = torch.randn(2, 8, 32) + 0.2 * step
         for p in [*model.parameters(), *exact.parameters()]:
             p.grad = None
-        loss, kept = saved_bytes_step(compiled, x)
+        if step == 0:
+            with ti.compile_caches(False):
+                code = generated_code(lambda: steps.append(saved_bytes_step(compiled, x)))
+            loss, kept = steps.pop()
+        else:
+            loss, kept = saved_bytes_step(compiled, x)
         loss_exact, kept_exact = saved_bytes_step(compiled_exact, x)
         steps.append((loss, kept, loss_exact, kept_exact))
-    return dict(model=model, exact=exact, settings=settings, x=x, steps=steps, cfg=cfg)
+    return dict(model=model, exact=exact, settings=settings, x=x, steps=steps, cfg=cfg, code=code)
 
 
 def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
@@ -359,6 +366,19 @@ def test_compiled_dw_is_the_formula_with_the_steps_draws(compiled_stack):
     exact = grads(run["exact"])
     for name in ("layers.0.self_attn.o_proj.weight", "layers.1.input_layernorm.weight", "norm.weight"):
         assert_close(got[name], exact[name], name)  # not compressed: what the default backend computes
+
+
+def test_compiled_code_is_generated_once_per_distinct_encode_and_decode(compiled_stack):
+    """Each distinct encode / decode (a site's settings and input size) is one subgraph of the compiled graph, its
+    kernels generated once however many inputs call it (``GraphWriter.shared``): the two blocks share theirs."""
+    forward, backward = compiled_stack["code"]
+    calls = {}
+    for module in (forward, backward):
+        defined = re.findall(r"^ *def (velora_shared_\d+)\(args\):", module, flags=re.M)
+        assert defined and len(defined) == len(set(defined))  # each generated once
+        for name in defined:
+            calls[name] = len(re.findall(rf"^ *\w+ = {name}\({name}_args\)", module, flags=re.M))
+    assert all(calls.values()) and sum(calls.values()) > len(calls)  # some called by inputs of both blocks
 
 
 def test_compiled_keeps_fewer_bytes_and_the_same_loss(compiled_stack):

@@ -47,6 +47,8 @@ __all__ = [
     "is_tangent",
     "c_linear",
     "trace_into",
+    "trace_shared",
+    "is_shared_subgraph",
     "lower_as_buffer",
     "lower_indexed",
 ]
@@ -465,21 +467,14 @@ def c_linear() -> Callable:
     return torch._C._nn.linear
 
 
-def trace_into(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[Any], before: torch.fx.Node,
-               meta: Optional[dict[str, Any]] = None) -> Any:  # fmt: skip
-    """Trace ``fn`` on the fake values of ``args`` (nodes of ``graph``, or constants) to aten ops, with Inductor's
-    decompositions (what a joint graph holds), and insert the ops before ``before``. Returns ``fn``'s output with
-    each tensor replaced by its node; every new node carries ``meta["val"]`` and, updated over it, ``meta``."""
+def _traced(fn: Callable[..., Any], values: Sequence[Any]) -> torch.fx.GraphModule:
+    """``fn`` traced on ``values`` (fake tensors of one graph, or constants) to aten ops with Inductor's
+    decompositions (what a joint graph holds); the tensors are the placeholders, in order."""
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch._dispatch.python import enable_python_dispatcher
 
-    values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-    nodes = [a for a in args if isinstance(a, torch.fx.Node)]
     fake_mode = detect_fake_mode(values)
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if len(tensors) != len(nodes):
-        raise ValueError("trace_into: every tensor argument must be a node of the graph")
 
     def traced(*tensor_args):
         it = iter(tensor_args)
@@ -489,7 +484,32 @@ def trace_into(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[Any
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(enable_python_dispatcher())
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
         sub = make_fx(traced, decomposition_table=select_decomp_table(), tracing_mode="real")(*tensors)
+    for node in sub.graph.nodes:
+        if node.op == "get_attr":
+            raise ValueError(f"tracing {fn}: it made a constant tensor ({node.target}); build it from the inputs")
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:  # a joint graph is functional
+            raise ValueError(f"tracing {fn}: it mutates a tensor in place ({node.format_node()})")
+    return sub
+
+
+def _tensor_nodes(args: Sequence[Any]) -> tuple[list[Any], list[torch.fx.Node]]:
+    values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+    nodes = [a for a in args if isinstance(a, torch.fx.Node)]
+    if len([v for v in values if isinstance(v, torch.Tensor)]) != len(nodes):
+        raise ValueError("every tensor argument must be a node of the graph")
+    return values, nodes
+
+
+def trace_into(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[Any], before: torch.fx.Node,
+               meta: Optional[dict[str, Any]] = None) -> Any:  # fmt: skip
+    """Trace ``fn`` on the fake values of ``args`` (nodes of ``graph``, or constants) to aten ops, with Inductor's
+    decompositions (what a joint graph holds), and insert the ops before ``before``. Returns ``fn``'s output with
+    each tensor replaced by its node; every new node carries ``meta["val"]`` and, updated over it, ``meta``."""
+    values, nodes = _tensor_nodes(args)
+    sub = _traced(fn, values)
     env: dict[torch.fx.Node, Any] = {}
     placeholders = iter(nodes)
     result = None
@@ -499,12 +519,113 @@ def trace_into(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[Any
                 env[node] = next(placeholders)
             elif node.op == "output":
                 result = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
-            elif node.op == "get_attr":
-                raise ValueError(f"trace_into: {fn} made a constant tensor ({node.target}); build it from the inputs")
             else:
-                schema = getattr(node.target, "_schema", None)
-                if schema is not None and schema.is_mutable:  # a joint graph is functional
-                    raise ValueError(f"trace_into: {fn} mutates a tensor in place ({node.format_node()})")
                 env[node] = new = graph.node_copy(node, lambda n: env[n])
                 new.meta.update(meta or {})
     return result
+
+
+#: ``GraphModule.meta`` keys: on a graph's owner, its shared subgraphs by signature; on a subgraph, that it is one
+_SHARED = "velora_fx.shared_subgraphs"
+_IS_SHARED = "velora_fx.shared_subgraph"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    name: str  # the submodule's attribute on the graph's owner
+    used: tuple[int, ...]  # which tensor arguments the subgraph reads (the others are not passed)
+    outputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]  # size, stride, ...
+    spec: Any  # the pytree spec of ``fn``'s output
+
+
+def is_shared_subgraph(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` is a subgraph ``trace_shared`` made (Inductor runs its graph passes on it too)."""
+    owner = graph.owning_module
+    return owner is not None and bool(getattr(owner, "meta", {}).get(_IS_SHARED))
+
+
+def trace_shared(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[Any], before: torch.fx.Node,
+                 meta: dict[str, Any], key: Any, backward: bool = False) -> Any:  # fmt: skip
+    """``trace_into``, but traced once per ``key`` and input signature into a submodule of ``graph``'s owner and
+    called with ``invoke_subgraph``: Inductor lowers a subgraph once and generates its kernels once per compiled
+    graph, however many calls read it (``trace_into`` inlines every call: its ops are lowered, scheduled and
+    generated again for each, and fused into the kernels around it).
+
+    The min-cut partitioner keeps a higher-order op out of backward (it is not in its allowlist of recomputable
+    ops): a call that reads only forward values would run in forward and its outputs be saved. ``backward=True``
+    tags the call ``MUST_RECOMPUTE``, which places it in backward, beside its users. Falls back to ``trace_into``
+    where a size is symbolic (a subgraph is traced for static sizes), ``graph`` has no owner, or an output is not
+    a fresh tensor (one that aliases an input, a constant)."""
+    import operator
+
+    from torch.utils import _pytree as pytree
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    values, nodes = _tensor_nodes(args)
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    owner = graph.owning_module
+    if owner is None or any(is_symbolic(s) for t in tensors for s in (*t.shape, *t.stride())):
+        return trace_into(graph, fn, args, before, meta)
+    signature = (key, tuple((tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in tensors),
+                 tuple(v for v in values if not isinstance(v, torch.Tensor)))  # fmt: skip
+    shared: dict[Any, Optional[_Shared]] = owner.meta.setdefault(_SHARED, {})
+    if signature not in shared:
+        shared[signature] = _share(owner, fn, values, tensors)
+    entry = shared[signature]
+    if entry is None:
+        return trace_into(graph, fn, args, before, meta)
+    fake_mode = detect_fake_mode(tensors)
+    with contextlib.ExitStack() as stack:
+        if fake_mode is not None:
+            stack.enter_context(fake_mode)
+        outputs = [torch.empty_strided(size, stride, dtype=dtype, device=device)
+                   for size, stride, dtype, device in entry.outputs]  # fmt: skip
+    operands = [nodes[i] for i in entry.used]
+    with graph.inserting_before(before):
+        call = graph.call_function(torch.ops.higher_order.invoke_subgraph,
+                                   (graph.get_attr(entry.name), entry.name, *operands))  # fmt: skip
+        call.meta.update(meta)
+        call.meta["val"] = tuple(outputs)
+        if backward:
+            call.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        items = []
+        for i, value in enumerate(outputs):
+            items.append(item := graph.call_function(operator.getitem, (call, i)))
+            item.meta.update(meta)
+            item.meta["val"] = value
+    return pytree.tree_unflatten(items, entry.spec)
+
+
+def _share(owner: torch.nn.Module, fn: Callable[..., Any], values: Sequence[Any],
+           tensors: Sequence[torch.Tensor]) -> Optional[_Shared]:  # fmt: skip
+    """``fn`` traced on ``values`` as a submodule of ``owner`` (``None``: an output is not a fresh tensor)."""
+    from torch.utils import _pytree as pytree
+
+    specs = []
+
+    def flat(*args):
+        out, spec = pytree.tree_flatten(fn(*args))
+        specs.append(spec)
+        return tuple(out)
+
+    sub = _traced(flat, values)
+    outputs = sub.graph.find_nodes(op="output")[0].args[0]
+    if not all(isinstance(node, torch.fx.Node) and isinstance(node.meta.get("val"), torch.Tensor) for node in outputs):
+        return None  # a call's outputs are tensors
+    results = [node.meta["val"] for node in outputs]
+    if any(torch._C._is_alias_of(r, t) for r in results for t in tensors):
+        return None
+    used = []
+    for i, placeholder in enumerate(list(sub.graph.find_nodes(op="placeholder"))):
+        if placeholder.users:
+            used.append(i)
+        else:  # not read: not passed (a state the codec ignores, e.g., must not be saved for a backward call)
+            sub.graph.erase_node(placeholder)
+    sub.recompile()
+    sub.meta[_IS_SHARED] = True
+    name = f"velora_shared_{len(owner.meta[_SHARED])}"
+    while hasattr(owner, name):
+        name += "_"
+    owner.register_module(name, sub)
+    meta = tuple((tuple(r.shape), tuple(r.stride()), r.dtype, r.device) for r in results)
+    return _Shared(name, tuple(used), meta, specs[0])

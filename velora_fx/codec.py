@@ -14,8 +14,11 @@ proper, written twice over the same maths:
   ``emit_encode`` before the first site, ``emit_weight_grad`` for a weight
   gradient the codec can form itself (``None``: the pass rebuilds ``x̂`` with
   ``emit_decode`` and keeps the weight-gradient op). By default these trace
-  the eager methods into the graph (``GraphWriter.trace``), so a codec written
-  as plain tensor code (the quantized estimator) is written once.
+  the eager methods (``GraphWriter.shared``), so a codec written as plain
+  tensor code (the quantized estimator) is written once: each distinct
+  ``encode`` / ``decode`` (per site settings and input size) is traced once
+  into a subgraph that every input of that kind calls, and Inductor generates
+  its kernels once per compiled graph rather than once per input.
 
 The projections (VeLoRA, random, principal, principal_random:
 ``estimators.ProjectionCodec``) keep ``p = x_sub B`` and form ``dW = (gᵀ p) Bᵀ``;
@@ -132,7 +135,7 @@ class Estimator:
 
     def emit_encode(self, w: Any, x: torch.fx.Node, state: torch.fx.Node, basis_shape) -> tuple[torch.fx.Node, ...]:
         """``encode`` of the stored input ``x``, written before the first forward site."""
-        return tuple(w.trace(lambda x, s: self.encode(x, s, basis_shape), [x, state]))
+        return tuple(w.shared(lambda x, s: self.encode(x, s, basis_shape), [x, state], (self, "encode", basis_shape)))
 
     def emit_weight_grad(self, w: Any, g: torch.fx.Node, rows: Any, saved: Sequence[torch.fx.Node],
                          state: torch.fx.Node, basis_shape, features: int, scale: float) -> Optional[torch.fx.Node]:  # fmt: skip
@@ -146,7 +149,8 @@ class Estimator:
         """``scale · x̂`` in the shape and dtype of ``x``, written before the weight-gradient op that reads it."""
         value = x.meta["val"]
         features, dtype = int(value.shape[-1]), value.dtype
-        rows = w.trace(lambda s, *saved: self.decode(saved, s, basis_shape, features, dtype), [state, *saved])
+        rows = w.shared(lambda s, *saved: self.decode(saved, s, basis_shape, features, dtype), [state, *saved],
+                        (self, "decode", basis_shape, features, dtype), backward=True)
         return w(torch.ops.aten.view.default, w.scaled(rows, scale), [*w.dims(x, value.dim() - 1), features])
 
     # -- what the report says --------------------------------------------------------------------------

@@ -49,7 +49,8 @@ keep the scales upcast to float32 instead (``join`` says why).
 
 Everything here is plain tensor code on ``(N, D)`` rows: the FX route calls it
 in an ``autograd.Function``, the compile backend traces it into the joint
-graph (``_torch_internals.trace_into``). One definition, two routes.
+graph (``GraphWriter.shared``: one subgraph per distinct encode or decode,
+called by every input of its kind). One definition, two routes.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ ti.lower_as_buffer(torch.ops.velora_fx.in_buffer.default)
 
 
 def _stored_once(x: torch.Tensor) -> torch.Tensor:
-    """``_in_buffer(x)`` where a compiler traces (Dynamo, or the backend's ``trace_into`` on fake values); ``x``
+    """``_in_buffer(x)`` where a compiler traces (Dynamo, or the backend's tracing on fake values); ``x``
     itself in eager (the FX route's ``autograd.Function``), where the buffer would only be a copy on the training
     step."""
     return _in_buffer(x) if torch.compiler.is_compiling() or ti.is_fake(x) else x
