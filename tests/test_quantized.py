@@ -381,6 +381,19 @@ def test_compiled_code_is_generated_once_per_distinct_encode_and_decode(compiled
     assert all(calls.values()) and sum(calls.values()) > len(calls)  # some called by inputs of both blocks
 
 
+def test_under_bf16_autocast_the_encode_is_inlined_and_the_decode_shared():
+    """NOTE [a shared encode is never recomputed] (``codec.py``): a bfloat16 input's encode is inlined, so that the
+    partitioner may recompute it in backward from what it keeps anyway; the decode, in backward either way, is one
+    shared subgraph."""
+    torch.manual_seed(6)
+    model = velora_fx.prepare(LlamaStack(blocks=2, dim=32, heads=2, hidden=48))
+    compiled = torch.compile(model, backend=velora_fx.make_backend(VeloraConfig(estimator=Quantized(bits=2))))
+    with ti.compile_caches(False), torch.autocast("cpu", dtype=torch.bfloat16):
+        forward, backward = generated_code(lambda: saved_bytes_step(compiled, torch.randn(2, 8, 32)))
+    assert len(velora_fx.report(model).compressed) == 12
+    assert "velora_shared_" not in forward and re.search(r"^ *def velora_shared_\d+\(args\):", backward, flags=re.M)
+
+
 def test_compiled_keeps_fewer_bytes_and_the_same_loss(compiled_stack):
     rep, cfg = velora_fx.report(compiled_stack["model"]), compiled_stack["cfg"]
     for loss, kept, loss_exact, kept_exact in compiled_stack["steps"][:1]:

@@ -551,11 +551,13 @@ def trace_shared(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[A
     graph, however many calls read it (``trace_into`` inlines every call: its ops are lowered, scheduled and
     generated again for each, and fused into the kernels around it).
 
-    The min-cut partitioner keeps a higher-order op out of backward (it is not in its allowlist of recomputable
-    ops): a call that reads only forward values would run in forward and its outputs be saved. ``backward=True``
-    tags the call ``MUST_RECOMPUTE``, which places it in backward, beside its users. Falls back to ``trace_into``
-    where a size is symbolic (a subgraph is traced for static sizes), ``graph`` has no owner, or an output is not
-    a fresh tensor (one that aliases an input, a constant)."""
+    The min-cut partitioner never recomputes a higher-order op (it is not in its allowlist of recomputable ops,
+    and an output 4× smaller than the input counts as a reduction, whose output it saves): a call that reads only
+    forward values runs in forward and its outputs are saved. ``backward=True`` tags the call ``MUST_RECOMPUTE``,
+    which places it in backward, beside its users; a forward call always runs in forward (inlined, the partitioner
+    may recompute the ops in backward instead, from what backward keeps anyway). Falls back to ``trace_into`` where
+    a size is symbolic (a subgraph is traced for static sizes), ``graph`` has no owner, or an output is not a fresh
+    tensor (one that aliases an input, a constant)."""
     import operator
 
     from torch.utils import _pytree as pytree

@@ -131,11 +131,22 @@ class Estimator:
         """``gᵀ x̂`` of shape ``(out, features)`` from ``g`` ``(N, out)`` (unscaled): the exact matmul on ``x̂``."""
         return g.t().mm(self.decode(saved, state, basis_shape, features, g.dtype))
 
+    # NOTE [a shared encode is never recomputed]
+    # A ``GraphWriter.shared`` call is a higher-order op, which the min-cut partitioner never recomputes: the encode
+    # runs in forward and its codes are saved. For a float32 input that is what the partitioner chooses anyway (the
+    # codes are a tenth of the input or less). For a bfloat16 / float16 input (autocast) it may instead recompute
+    # the encode in backward from values backward keeps anyway (the float32 values autocast cast from, the gate and
+    # up outputs SiLU's backward reads) and keep no codes at all: there the encode is inlined. As a call, a 2-block
+    # LLaMA under CPU bf16 autocast kept 5 % more bytes (2 bits; `benchmarks/README.md`, "Compile time").
+
     # -- the codec in a joint graph (the compile route): ``w`` is a ``passes.graph_writer.GraphWriter`` ----------
 
     def emit_encode(self, w: Any, x: torch.fx.Node, state: torch.fx.Node, basis_shape) -> tuple[torch.fx.Node, ...]:
         """``encode`` of the stored input ``x``, written before the first forward site."""
-        return tuple(w.shared(lambda x, s: self.encode(x, s, basis_shape), [x, state], (self, "encode", basis_shape)))
+        encode = lambda x, s: self.encode(x, s, basis_shape)  # noqa: E731
+        if x.meta["val"].dtype.itemsize < 4:  # NOTE [a shared encode is never recomputed]
+            return tuple(w.trace(encode, [x, state]))
+        return tuple(w.shared(encode, [x, state], (self, "encode", basis_shape)))
 
     def emit_weight_grad(self, w: Any, g: torch.fx.Node, rows: Any, saved: Sequence[torch.fx.Node],
                          state: torch.fx.Node, basis_shape, features: int, scale: float) -> Optional[torch.fx.Node]:  # fmt: skip
