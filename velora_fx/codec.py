@@ -18,7 +18,8 @@ proper, written twice over the same maths:
   tensor code (the quantized estimator) is written once: each distinct
   ``encode`` / ``decode`` (per site settings and input size) is traced once
   into a subgraph that every input of that kind calls, and Inductor generates
-  its kernels once per compiled graph rather than once per input.
+  its kernels once per compiled graph rather than once per input (a bfloat16
+  input's encode is inlined: NOTE [a shared encode is never recomputed]).
 
 The projections (VeLoRA, random, principal, principal_random:
 ``estimators.ProjectionCodec``) keep ``p = x_sub B`` and form ``dW = (gᵀ p) Bᵀ``;
@@ -134,10 +135,11 @@ class Estimator:
     # NOTE [a shared encode is never recomputed]
     # A ``GraphWriter.shared`` call is a higher-order op, which the min-cut partitioner never recomputes: the encode
     # runs in forward and its codes are saved. For a float32 input that is what the partitioner chooses anyway (the
-    # codes are a tenth of the input or less). For a bfloat16 / float16 input (autocast) it may instead recompute
-    # the encode in backward from values backward keeps anyway (the float32 values autocast cast from, the gate and
-    # up outputs SiLU's backward reads) and keep no codes at all: there the encode is inlined. As a call, a 2-block
-    # LLaMA under CPU bf16 autocast kept 5 % more bytes (2 bits; `benchmarks/README.md`, "Compile time").
+    # same bytes at 2 and at 4 bits on `backend_bench.py`'s stack). For a bfloat16 / float16 input (autocast) it
+    # may instead recompute the encode in backward from values backward keeps anyway (the float32 values autocast
+    # cast from, the gate and up outputs SiLU's backward reads) and keep no codes at all: there the encode is
+    # inlined. As a call, a 2-block LLaMA under CPU bf16 autocast kept 5 % more bytes (2 bits;
+    # `benchmarks/README.md`, "Compile time, bf78917").
 
     # -- the codec in a joint graph (the compile route): ``w`` is a ``passes.graph_writer.GraphWriter`` ----------
 
