@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import operator
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = [
     "CustomGraphPass",
@@ -558,11 +561,6 @@ def trace_shared(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[A
     may recompute the ops in backward instead, from what backward keeps anyway). Falls back to ``trace_into`` where
     a size is symbolic (a subgraph is traced for static sizes), ``graph`` has no owner, or an output is not a fresh
     tensor (one that aliases an input, a constant)."""
-    import operator
-
-    from torch.utils import _pytree as pytree
-    from torch.utils.checkpoint import CheckpointPolicy
-
     values, nodes = _tensor_nodes(args)
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     owner = graph.owning_module
@@ -601,8 +599,6 @@ def trace_shared(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[A
 def _share(owner: torch.nn.Module, fn: Callable[..., Any], values: Sequence[Any],
            tensors: Sequence[torch.Tensor]) -> Optional[_Shared]:  # fmt: skip
     """``fn`` traced on ``values`` as a submodule of ``owner`` (``None``: an output is not a fresh tensor)."""
-    from torch.utils import _pytree as pytree
-
     specs = []
 
     def flat(*args):
