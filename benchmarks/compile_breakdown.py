@@ -7,10 +7,12 @@ prints its first step's seconds, then the seconds spent in a few compiler functi
 inclusive and overlapping: ``compile_to_module`` holds the code generation, which holds the kernels'), and the
 C++ kernels Inductor generated: how many, their code generation's total, the slowest, and how many of its
 outer-loop fusions failed their loop-level check (each such kernel is generated twice: once fused, then again
-as separate loops); and the ops its code generator emitted (each op of a kernel's loop body, once per variant:
-scalar, vector, vector tail), in all and in the biggest kernel — what the code generation's time follows. The
-first kernel of every process also pays Inductor's one-time probe of the CPU's vector ISA (about 7 s here):
-compare methods by the totals' differences. Reads Inductor's internals (benchmark only).
+as separate loops); the ops its code generator emitted (each op of a kernel's loop body, once per variant:
+scalar, vector, vector tail), in all and in the biggest kernel — what the code generation's time follows; and the
+C++ builds (gcc, one per distinct kernel source) with their seconds: each process compiles with one compile
+thread, so that every build runs in it, one after the other, and is timed. The first kernel of every process
+also pays Inductor's one-time probe of the CPU's vector ISA (about 7 s here, a few builds): compare methods by
+the totals' differences. Reads Inductor's internals (benchmark only).
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def _wrap(owner, name: str, record) -> None:
 
 def measure(which: str, args) -> dict:
     """One cold first step of ``which`` in this process, broken down."""
-    from torch._inductor import metrics
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpp_builder, metrics
     from torch._inductor.codegen import common, cpp
+
+    inductor_config.compile_threads = 1  # every C++ build in this process (timed below), none in a worker pool
 
     import benchmarks.backend_bench as bb
     from benchmarks.measure import import_compiler
@@ -100,6 +105,8 @@ def measure(which: str, args) -> dict:
         return result
 
     cpp.CppScheduling.codegen_outer_loop_node = counted
+    builds: list[float] = []
+    _wrap(cpp_builder.CppBuilder, "build", builds.append)
 
     import_compiler()
     model = bb._model(args)
@@ -109,7 +116,8 @@ def measure(which: str, args) -> dict:
     first = time.perf_counter() - start
     kernels.sort(reverse=True)
     return {"first_step_s": first, "phases_s": dict(phases), "kernels": len(kernels), "kernel_codegen_s": sum(kernels),
-            "slowest_kernels_s": kernels[:3], "outer_loop_fusions": outer, "ops_emitted": ops}  # fmt: skip
+            "slowest_kernels_s": kernels[:3], "outer_loop_fusions": outer, "ops_emitted": ops,
+            "cpp_builds": len(builds), "cpp_build_s": sum(builds)}  # fmt: skip
 
 
 def main() -> None:
@@ -134,7 +142,8 @@ def main() -> None:
         print(f"{which}: first step {r['first_step_s']:.1f} s; {r['kernels']} kernels, code generation "
               f"{r['kernel_codegen_s']:.1f} s (slowest {', '.join(f'{t:.2f}' for t in r['slowest_kernels_s'])}); "
               f"outer-loop fusions {o['attempted']}, {o['failed']} failed and generated again; "
-              f"{e['all']} ops emitted, {e['biggest kernel']} by the biggest kernel")  # fmt: skip
+              f"{e['all']} ops emitted, {e['biggest kernel']} by the biggest kernel; "
+              f"{r['cpp_builds']} C++ builds, {r['cpp_build_s']:.1f} s")  # fmt: skip
         for qual, secs in r["phases_s"].items():
             print(f"    {qual:40s} {secs:6.2f} s")
     print(json.dumps(results, indent=1))
