@@ -89,8 +89,6 @@ class VeloraJointPass(ti.CustomGraphPass):
         self.modified = False
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        if ti.is_shared_subgraph(graph):  # a codec's own subgraph: Inductor runs its passes there too
-            return
         result, self.plan = velora_joint_pass(graph, self.spec, self.options)
         self.modified = result.modified
         log.debug("velora_fx: %s planned %d sites, modified=%s", self.spec.name, len(self.plan.sites), self.modified)

@@ -390,12 +390,14 @@ def restore_graph(graph: torch.fx.Graph, snapshot: torch.fx.Graph) -> None:
 
 def with_custom_passes(**ours: Any) -> dict[str, Any]:
     """Inductor config patches that run each of ``ours`` first among the custom passes of its slot
-    (``joint_custom_pre_pass=...``, ``post_grad_custom_post_pass=...``), keeping the user's own after it."""
+    (``joint_custom_pre_pass=...``, ``post_grad_custom_post_pass=...``), keeping the user's own after it. Ours see
+    only the graphs Inductor compiles, never the subgraphs ``trace_shared`` made (``_OnCompiledGraphs``)."""
     import torch._inductor.config as inductor_config
     from torch._inductor import custom_graph_pass
 
     patches = {}
     for slot, pass_ in ours.items():
+        pass_ = _OnCompiledGraphs(pass_)
         theirs = getattr(inductor_config, slot)
         if theirs is None:
             patches[slot] = pass_
@@ -403,6 +405,22 @@ def with_custom_passes(**ours: Any) -> dict[str, Any]:
         chain = [pass_, *(list(theirs) if isinstance(theirs, (list, tuple)) else [theirs])]
         patches[slot] = chain if hasattr(custom_graph_pass, "get_custom_graph_passes") else _chained(chain)
     return patches
+
+
+class _OnCompiledGraphs(CustomGraphPass):
+    """A velora_fx pass that skips the codec subgraphs ``trace_shared`` made: Inductor runs its joint and post-grad
+    passes on the subgraphs of a graph too (the "newly created" ones among them), and a pass written for the joint
+    or forward graph would plan, outline or summarize a subgraph as if it were that graph, over its real result."""
+
+    def __init__(self, pass_: CustomGraphPass):
+        self.pass_ = pass_
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if not is_shared_subgraph(graph):
+            self.pass_(graph)
+
+    def uuid(self) -> Any:
+        return self.pass_.uuid()
 
 
 def _chained(passes: list) -> Any:

@@ -52,8 +52,6 @@ class JointOutline(ti.CustomGraphPass):
         self.nodes: Optional[dict[str, _Node]] = None
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        if ti.is_shared_subgraph(graph):  # a codec's subgraph (``ti.trace_shared``), not the joint graph
-            return
         # backward = what depends on a tangent; everything else may run in the forward (or be recomputed)
         backward: set[str] = set()
         for node in graph.nodes:
@@ -81,8 +79,6 @@ class ForwardSummary(ti.CustomGraphPass):
         self.ran = False  # False after a compile whose forward came from Inductor's FX graph cache
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        if ti.is_shared_subgraph(graph):
-            return
         self.ran = True
         saved = ti.saved_for_backward(graph)
         if saved is None or self.summary is not None:  # not a forward graph (the backward, compiled later)
