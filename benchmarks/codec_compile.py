@@ -27,20 +27,19 @@ import sys
 import tempfile
 import time
 
+import torch
+import torch._inductor.config as inductor_config
+from torch._dynamo.utils import counters
+from torch._inductor import cpp_builder
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from velora_fx import quantized as q  # noqa: E402
 
 TOKENS = 1024
 
 
 def measure(dynamic: bool, widths: list[int]) -> dict:
-    import torch
-    import torch._inductor.config as inductor_config
-    from torch._dynamo.utils import counters
-    from torch._inductor import cpp_builder
-
-    from velora_fx import quantized as q
-
     inductor_config.compile_threads = 1
     builds: list[float] = []
     build = cpp_builder.CppBuilder.build
@@ -95,8 +94,6 @@ def main() -> None:
     args = parser.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     if args.one:
-        import torch
-
         r = measure(args.one == "dynamic", widths)
         values = r.pop("values")
         torch.save(values, os.environ["CODEC_COMPILE_VALUES"])
@@ -110,8 +107,6 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", mode, f"--widths={args.widths}"]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
-            import torch
-
             values[mode] = torch.load(os.path.join(tmp, f"{mode}.pt"))
     identical = all(torch.equal(values["static"][k], values["dynamic"][k]) for k in values["static"])
     for mode, r in results.items():
